@@ -1,0 +1,61 @@
+"""Which implementation runs an op: chosen by ``KZOO_BACKEND`` or :func:`use_backend`.
+
+* ``auto`` (default): Triton on CUDA tensors, the fused CPU path (``cpu.py``) on CPU tensors.
+* ``triton``: the Triton kernels everywhere; on CPU tensors this needs ``TRITON_INTERPRET=1``
+  set before triton is imported, which is how CI runs the kernels without a GPU.
+* ``reference``: the plain definitions of ``reference.py`` on any device.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+_ENV = "KZOO_BACKEND"
+
+
+def current_backend() -> str:
+    name = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{_ENV}={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed block with ``KZOO_BACKEND=name``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    previous = os.environ.get(_ENV)
+    os.environ[_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_ENV]
+        else:
+            os.environ[_ENV] = previous
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(device: torch.device) -> str:
+    """The implementation for tensors on ``device``: ``"triton"``, ``"cpu"`` or ``"reference"``."""
+    name = current_backend()
+    if name == "reference":
+        return "reference"
+    if device.type == "cuda":
+        return "triton"
+    if name == "triton":
+        if device.type == "cpu" and triton_interpreted():
+            return "triton"
+        raise RuntimeError(
+            f"{_ENV}=triton got {device.type} tensors; the Triton kernels run on CUDA, "
+            "or on CPU only with TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return "cpu" if device.type == "cpu" else "reference"

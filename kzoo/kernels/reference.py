@@ -1,0 +1,100 @@
+"""Plain PyTorch definitions of kzoo's ops: the CPU fallback and the tests' ground truth.
+
+Everything here is written for clarity, runs in float64 as well as float32, and makes no
+assumption about memory layout. The fast paths (``cpu.py``, ``triton/``) must agree with it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NUMERATOR_TERMS = 6  # a0..a5: P(x) = sum_i a_i x^i
+DENOMINATOR_TERMS = 4  # b0..b3: Q(x) = 1 + sum_i |b_i| |x|^(i+1)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Rational arithmetic runs in float32, or float64 when x is float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_coefficients(
+    coefficients: Tensor, channels: int, groups: int, channel_dim: int, ndim: int, dtype: torch.dtype
+) -> list[Tensor]:
+    """One tensor per term, holding each channel's coefficient, shaped to broadcast against x."""
+    per_group = coefficients.to(dtype).expand(groups, coefficients.shape[1])
+    per_channel = per_group.repeat_interleave(channels // groups, dim=0)
+    shape = [1] * ndim
+    shape[channel_dim] = channels
+    return [per_channel[:, i].reshape(shape) for i in range(coefficients.shape[1])]
+
+
+def _rational_terms(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int):
+    """x in compute dtype, per-channel a_i, per-channel |b_i|, P(x), Q(x)."""
+    dtype = compute_dtype(x)
+    channels, groups = x.shape[channel_dim], denominator.shape[0]
+    a = _channel_coefficients(numerator, channels, groups, channel_dim, x.ndim, dtype)
+    b_abs = _channel_coefficients(denominator.abs(), channels, groups, channel_dim, x.ndim, dtype)
+    xf = x.to(dtype)
+    x_abs = xf.abs()
+    p = a[5]
+    for a_i in reversed(a[:5]):
+        p = p * xf + a_i
+    q = b_abs[3]
+    for b_i in reversed(b_abs[:3]):
+        q = q * x_abs + b_i
+    q = q * x_abs + 1.0
+    return xf, x_abs, a, b_abs, p, q
+
+
+def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int = -1) -> Tensor:
+    """Safe Padé "version A": P(x) / (1 + sum_i |b_i| |x|^(i+1)), coefficients chosen per channel group."""
+    *_, p, q = _rational_terms(x, numerator, denominator, channel_dim)
+    return (p / q).to(x.dtype)
+
+
+def _sum_per_group(per_element: Tensor, channel_dim: int, groups: int) -> Tensor:
+    other_dims = [d for d in range(per_element.ndim) if d != channel_dim % per_element.ndim]
+    per_channel = per_element.sum(other_dims) if other_dims else per_element
+    return per_channel.reshape(groups, -1).sum(1)
+
+
+def group_rational_backward(
+    grad_out: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`group_rational` for x, numerator and denominator, written out by hand.
+
+    Autograd through ``abs`` would give d|t|/dt = 0 at t = 0; the KAT kernels use sign(0) = +1,
+    which is what lets an identity-initialised denominator (all b_i = 0) start to learn.
+    """
+    xf, x_abs, a, b_abs, p, q = _rational_terms(x, numerator, denominator, channel_dim)
+    go = grad_out.to(xf.dtype)
+    x_sign = torch.where(xf < 0, -1.0, 1.0).to(xf.dtype)
+
+    dp_dx = 5.0 * a[5]
+    for i in (4, 3, 2, 1):
+        dp_dx = dp_dx * xf + i * a[i]
+    dq_dx = 4.0 * b_abs[3]
+    for i in (2, 1, 0):
+        dq_dx = dq_dx * x_abs + (i + 1) * b_abs[i]
+    dq_dx = dq_dx * x_sign
+
+    y = p / q
+    grad_over_q = go / q
+    grad_x = grad_over_q * (dp_dx - dq_dx * y)
+
+    groups = denominator.shape[0]
+    grad_a, power = [], grad_over_q
+    for _ in range(6):
+        grad_a.append(_sum_per_group(power, channel_dim, groups))
+        power = power * xf
+    grad_b, power = [], -grad_over_q * y * x_abs
+    for _ in range(4):
+        grad_b.append(_sum_per_group(power, channel_dim, groups))
+        power = power * x_abs
+
+    grad_numerator = torch.stack(grad_a, dim=1)
+    if numerator.shape[0] == 1:
+        grad_numerator = grad_numerator.sum(0, keepdim=True)
+    denominator_sign = torch.where(denominator < 0, -1.0, 1.0).to(xf.dtype)
+    grad_denominator = torch.stack(grad_b, dim=1) * denominator_sign
+    return grad_x.to(x.dtype), grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Imported lazily: ``TRITON_INTERPRET`` is read at import."""

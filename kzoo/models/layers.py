@@ -1,0 +1,71 @@
+"""Modules shared by the model families."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kzoo.kernels import group_rational  # noqa: F401  (registers torch.ops.kzoo.group_rational)
+
+# Initial (numerator a0..a5, denominator b0..b3) for the kernels' version-A form
+# F(x) = sum a_i x^i / (1 + sum |b_i| |x|^(i+1)), each within 2e-2 of its target on [-3, 3].
+# "swish" is the official KAT preset, which is already a version-A fit (max error 1.2e-3).
+# "gelu" and "relu" are refitted by tools/fit_rational_init.py: the official "gelu" preset was
+# fitted for the version-B denominator and misses GELU by 1.4 at x = 3 under the kernels' form.
+RATIONAL_INITS: dict[str, tuple[list[float], list[float]]] = {
+    "identity": ([0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),
+    "swish": (
+        [3.054879741161051e-07, 0.5000007853744493, 0.24999783422824703,
+         0.05326628273219478, 0.005803034571292244, 0.0002751961022402342],
+        [-4.111554955950634e-06, 0.10652899335007572, -1.2690007399796238e-06, 0.0005502331264140556],
+    ),
+    "gelu": (
+        [-0.0012427134079923115, 0.49982003353125987, 0.4078986615686826,
+         0.10696418292718651, 0.00882503345857099, 5.5109481913832316e-05],
+        [1.5028381298729879e-05, 0.21306947753871153, 0.0005985868033151967, -7.006324576504374e-13],
+    ),
+    "relu": (
+        [0.015197055015080356, 0.5173680270170702, 2.6953133671068215,
+         4.20816008540011, 2.3433850610659883, 0.4147299792981999],
+        [0.269490960086726, 7.92110021716846, 0.30067622183838, -0.7734554883002527],
+    ),
+}
+
+
+class GroupRational(nn.Module):
+    """KAT's group-rational activation: one learnable rational function per channel group.
+
+    Args:
+        num_groups: G; the channel count must be divisible by it.
+        init: the function the rational starts as, a key of ``RATIONAL_INITS``.
+        channel_dim: -1 for tokens (B, L, C); 1 for conv feature maps (N, C, H, W).
+        numerator_per_group: a (G, 6) numerator instead of the (1, 6) one shared by all groups
+            (the official checkpoints share the numerator and keep a denominator per group).
+    """
+
+    def __init__(self, num_groups: int = 8, init: str = "swish", channel_dim: int = -1,
+                 numerator_per_group: bool = False):
+        super().__init__()
+        if init not in RATIONAL_INITS:
+            raise ValueError(f"GroupRational: init={init!r} is not one of {', '.join(RATIONAL_INITS)}")
+        if num_groups < 1:
+            raise ValueError(f"GroupRational: num_groups={num_groups} must be positive")
+        self.num_groups = num_groups
+        self.init = init
+        self.channel_dim = channel_dim
+        numerator_rows = num_groups if numerator_per_group else 1
+        self.weight_numerator = nn.Parameter(torch.empty(numerator_rows, 6))
+        self.weight_denominator = nn.Parameter(torch.empty(num_groups, 4))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        numerator, denominator = RATIONAL_INITS[self.init]
+        self.weight_numerator.copy_(torch.tensor(numerator).expand_as(self.weight_numerator))
+        self.weight_denominator.copy_(torch.tensor(denominator).expand_as(self.weight_denominator))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.kzoo.group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return (f"num_groups={self.num_groups}, init={self.init!r}, channel_dim={self.channel_dim}, "
+                f"numerator_rows={self.weight_numerator.shape[0]}")

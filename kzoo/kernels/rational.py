@@ -80,7 +80,7 @@ def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor, channe
     elif backend == "cpu":
         from . import cpu
 
-        y = cpu.group_rational(xg, numerator, denominator, 1)
+        y = cpu.group_rational(xg, numerator, denominator)
     else:
         y = reference.group_rational(xg, numerator, denominator, 1)
     return _ungrouped(y, x, order)
@@ -112,7 +112,7 @@ def _group_rational_backward_op(
     elif backend == "cpu":
         from . import cpu
 
-        dx, dnum, dden = cpu.group_rational_backward(gg, xg, numerator, denominator, 1)
+        dx, dnum, dden = cpu.group_rational_backward(gg, xg, numerator, denominator)
     else:
         dx, dnum, dden = reference.group_rational_backward(gg, xg, numerator, denominator, 1)
     return _ungrouped(dx, x, order), dnum, dden

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``kzoo bench``: side-by-side medians, JSON results and PNG plots."""

@@ -1,0 +1,75 @@
+"""Timing, result files and plots shared by every benchmark."""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    """A file-name-safe device label: ``cpu`` or the GPU's name, e.g. ``nvidia-h200``."""
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return "cpu"
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn in milliseconds (triton's do_bench on a GPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25 * warmup, rep=100 * repeats, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    info = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                device=device_name(device), threads=torch.get_num_threads())
+    if device.type == "cuda":
+        import triton
+
+        info.update(triton=triton.__version__, gpu=torch.cuda.get_device_name(device))
+    return info
+
+
+def write_results(out_dir: Path, name: str, payload: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+    """Grouped bars: one group per entry of ``groups``, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(len(series), 1) * 0.5), 4.2))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

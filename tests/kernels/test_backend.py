@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+
+from kzoo.kernels import backend, current_backend, use_backend
+
+
+def test_use_backend_sets_and_restores(monkeypatch):
+    monkeypatch.delenv("KZOO_BACKEND", raising=False)
+    assert current_backend() == "auto"
+    with use_backend("reference"):
+        assert os.environ["KZOO_BACKEND"] == "reference"
+        with use_backend("triton"):
+            assert current_backend() == "triton"
+        assert current_backend() == "reference"
+    assert "KZOO_BACKEND" not in os.environ
+
+
+def test_resolution(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with use_backend("auto"):
+        assert backend.resolve(cpu) == "cpu" and backend.resolve(cuda) == "triton"
+    with use_backend("reference"):
+        assert backend.resolve(cpu) == "reference" and backend.resolve(cuda) == "reference"
+    with use_backend("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert backend.resolve(cpu) == "triton"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            backend.resolve(cpu)
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KZOO_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="'cuda' is not one of auto, triton, reference"):
+        current_backend()
+    with pytest.raises(ValueError, match="'fast'"):
+        with use_backend("fast"):
+            pass

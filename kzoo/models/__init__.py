@@ -1,2 +1,2 @@
 """kzoo's model families. Importing this package registers every model with timm."""
-from . import layers  # noqa: F401
+from . import kat, layers  # noqa: F401

@@ -1,10 +1,13 @@
 """Modules shared by the model families."""
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import torch
 from torch import Tensor, nn
 
-from kzoo.kernels import group_rational  # noqa: F401  (registers torch.ops.kzoo.group_rational)
+from kzoo.kernels import reference
 
 # Initial (numerator a0..a5, denominator b0..b3) for the kernels' version-A form
 # F(x) = sum a_i x^i / (1 + sum |b_i| |x|^(i+1)), each within 2e-2 of its target on [-3, 3].
@@ -43,7 +46,7 @@ class GroupRational(nn.Module):
     """
 
     def __init__(self, num_groups: int = 8, init: str = "swish", channel_dim: int = -1,
-                 numerator_per_group: bool = False):
+                 numerator_per_group: bool = False, device=None, dtype=None):
         super().__init__()
         if init not in RATIONAL_INITS:
             raise ValueError(f"GroupRational: init={init!r} is not one of {', '.join(RATIONAL_INITS)}")
@@ -53,15 +56,15 @@ class GroupRational(nn.Module):
         self.init = init
         self.channel_dim = channel_dim
         numerator_rows = num_groups if numerator_per_group else 1
-        self.weight_numerator = nn.Parameter(torch.empty(numerator_rows, 6))
-        self.weight_denominator = nn.Parameter(torch.empty(num_groups, 4))
+        self.weight_numerator = nn.Parameter(torch.empty(numerator_rows, 6, device=device, dtype=dtype))
+        self.weight_denominator = nn.Parameter(torch.empty(num_groups, 4, device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         numerator, denominator = RATIONAL_INITS[self.init]
-        self.weight_numerator.copy_(torch.tensor(numerator).expand_as(self.weight_numerator))
-        self.weight_denominator.copy_(torch.tensor(denominator).expand_as(self.weight_denominator))
+        self.weight_numerator.copy_(torch.tensor(numerator, device=self.weight_numerator.device).expand_as(self.weight_numerator))
+        self.weight_denominator.copy_(torch.tensor(denominator, device=self.weight_denominator.device).expand_as(self.weight_denominator))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.kzoo.group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim)
@@ -69,3 +72,62 @@ class GroupRational(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, init={self.init!r}, channel_dim={self.channel_dim}, "
                 f"numerator_rows={self.weight_numerator.shape[0]}")
+
+
+@lru_cache(maxsize=None)
+def rational_gain(init: str) -> float:
+    """Variance-preserving gain alpha = Var[x] / E[F(x)^2] for x ~ N(0, 1) (KAT paper, Table 3).
+
+    Integrated numerically for the preset as the kernels evaluate it, so it is exact for the
+    coefficients in use: swish 2.811 and gelu 2.352, as for SiLU and GELU themselves (the paper
+    lists 2.8178 and 2.3568).
+    """
+    numerator, denominator = RATIONAL_INITS[init]
+    x = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64, device="cpu")
+    f = reference.group_rational(x[:, None], torch.tensor([numerator], dtype=torch.float64, device="cpu"),
+                                 torch.tensor([denominator], dtype=torch.float64, device="cpu"), -1)[:, 0]
+    density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return 1.0 / torch.trapezoid(f * f * density, x).item()
+
+
+class KAN(nn.Module):
+    """KAT's channel mixer, two GR-KAN layers: act1 -> fc1 -> act2 -> fc2.
+
+    act1 starts as the identity and act2 as ``act_init``, so at initialisation the block computes
+    Linear -> act_init -> Linear, like a ViT MLP. Takes timm's ``mlp_layer`` arguments; ``act_layer``
+    is accepted and ignored, the activations being the rationals.
+
+    ``init_weights`` draws fc1 and fc2 from N(0, gain / fan_in) with the gain of the rational that
+    feeds each layer (identity: 1; swish: 2.81; gelu: 2.35), the variance-preserving init of the
+    paper. The official code meant to do this, but a later trunc_normal(0.02) overwrote it
+    (reference/kat.md section 1.5); timm calls ``init_weights`` after initialising the Linears,
+    so here it takes effect.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer=None, norm_layer=None, bias: bool = True, drop: float = 0.0,
+                 act_init: str = "swish", num_groups: int = 8, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.act1 = GroupRational(num_groups, "identity", device=device)
+        self.drop1 = nn.Dropout(drop)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act2 = GroupRational(num_groups, act_init, device=device)
+        self.drop2 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **dd)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for act, fc in ((self.act1, self.fc1), (self.act2, self.fc2)):
+            nn.init.normal_(fc.weight, std=math.sqrt(rational_gain(act.init) / fc.in_features))
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(self.drop1(self.act1(x)))
+        x = self.norm(self.drop2(self.act2(x)))
+        return self.fc2(x)

@@ -9,20 +9,27 @@ from pathlib import Path
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from kzoo.bench import rational
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.what == "rational":
-        result = rational.run(device, batch=args.batch, repeats=args.repeats, out_dir=Path(args.out))
-        print(rational.table(result["payload"]))
-        print(f"\nwrote {result['json']} and {result['plot']}")
+        from kzoo.bench import rational as bench
+
+        result = bench.run(device, batch=args.batch, repeats=args.repeats or 5, out_dir=Path(args.out))
+    else:
+        from kzoo.bench import models as bench
+
+        result = bench.run(device, sizes=args.sizes.split(","), batch=args.batch, iters=args.repeats,
+                           out_dir=Path(args.out))
+    print(bench.table(result["payload"]))
+    print(f"\nwrote {result['json']} and {result['plot']}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kzoo.demo import rational_demo
+    import kzoo  # noqa: F401  (registers the models with timm)
+    from kzoo.demo import classify, rational_demo, sample_images
 
-    return rational_demo(Path(args.out))
+    status = classify(args.model, args.checkpoint, [Path(p) for p in args.images] or sample_images())
+    return rational_demo(Path(args.out)) or status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="benchmark kzoo's kernels and models")
-    bench.add_argument("what", choices=["rational"], help="what to benchmark")
+    bench.add_argument("what", choices=["rational", "models"],
+                       help="rational: the activation op; models: KAT against DeiT throughput")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--batch", type=int, default=None, help="override the batch size of the KAT shapes")
-    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="batch size (rational: of the KAT shapes, default 128; models: 16 on CPU, 256 on GPU)")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="timed repeats per measurement, median reported (rational: 5; models: 10 on CPU, 40 on GPU)")
+    bench.add_argument("--sizes", default="tiny,small,base", help="models: comma-separated KAT/DeiT sizes")
     bench.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plot")
     bench.set_defaults(run=_bench)
 
-    demo = commands.add_parser("demo", help="show what kzoo does so far")
+    demo = commands.add_parser("demo", help="classify images with a KAT model, then show its activation")
+    demo.add_argument("images", nargs="*", help="images to classify (default: photos shipped with matplotlib)")
+    demo.add_argument("--model", default="kat_base", help="timm model name (default: kat_base)")
+    demo.add_argument("--checkpoint", default=None, help="local weights file, e.g. the official KAT .pth")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's pictures")
     demo.set_defaults(run=_demo)
     return parser
@@ -45,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: one line, no traceback
+        print(f"kzoo {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

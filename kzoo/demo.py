@@ -1,4 +1,4 @@
-"""``kzoo demo`` (what ``make demo`` runs): the group-rational activation end to end."""
+"""``kzoo demo`` (what ``make demo`` runs): a KAT classifier through timm, then the activation."""
 from __future__ import annotations
 
 import time
@@ -9,6 +9,50 @@ import torch.nn.functional as F
 
 from kzoo.kernels import reference, use_backend
 from kzoo.models.layers import RATIONAL_INITS, GroupRational
+
+
+def sample_images() -> list[Path]:
+    """Photos that ship inside matplotlib's wheel (a kzoo dependency), so the demo needs no download."""
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    return [folder / "grace_hopper.jpg", folder / "Minduka_Present_Blue_Pack.png"]
+
+
+def classify(model_name: str, checkpoint: str | None, images: list[Path], top: int = 5) -> int:
+    """Print the top-k ImageNet classes per image; a bad file is reported and skipped. Returns an exit code."""
+    import timm
+    from PIL import Image
+    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+
+    if checkpoint:
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
+        print(f"{model_name} with weights from {checkpoint}")
+    else:
+        torch.manual_seed(0)
+        model = timm.create_model(model_name)
+        print(f"{model_name}: no --checkpoint given, so the weights are random and the classes below mean "
+              f"nothing; pass --checkpoint PATH with the official KAT weights (.pth or .safetensors)")
+    model.eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    labels = ImageNetInfo()
+    print(f"  {sum(p.numel() for p in model.parameters()):,} parameters, input {model.pretrained_cfg['input_size']}")
+    failures = 0
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                batch = transform(image.convert("RGB")).unsqueeze(0)
+        except (OSError, ValueError) as error:
+            print(f"  {path}: cannot read image ({error})")
+            failures += 1
+            continue
+        with torch.inference_mode():
+            probabilities = model(batch).softmax(-1)[0]
+        values, indices = probabilities.topk(top)
+        print(f"  {path.name}:")
+        for p, i in zip(values.tolist(), indices.tolist()):
+            print(f"    {p:6.2%}  {labels.index_to_description(i)}")
+    return 1 if failures else 0
 
 TARGETS = {"identity": lambda x: x, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -42,7 +86,7 @@ def _timed(fn, repeats: int = 3) -> tuple[object, float]:
 
 
 def rational_demo(out_dir: Path) -> int:
-    print("GroupRational presets: max |F(x) - target(x)| on [-3, 3]")
+    print("\nGroupRational presets: max |F(x) - target(x)| on [-3, 3]")
     x = torch.linspace(-3, 3, 601)
     curves = {}
     for name in RATIONAL_INITS:

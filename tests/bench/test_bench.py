@@ -1,0 +1,26 @@
+"""The benchmarks run end to end and write their JSON and plot (speed itself is not tested here)."""
+import json
+
+import torch
+
+from kzoo.bench import models, rational
+
+
+def test_rational_bench_writes_results(tmp_path):
+    result = rational.run(torch.device("cpu"), batch=1, repeats=1, out_dir=tmp_path)
+    payload = json.loads(result["json"].read_text())
+    assert [row["shape"] for row in payload["rows"]] == [[1, 197, 768], [1, 197, 3072]]
+    for row in payload["rows"]:
+        assert set(row["timings"]) == {"kzoo", "reference", "reference+compile", "gelu"}
+        assert all(t["forward_ms"] > 0 and t["forward_backward_ms"] > 0 for t in row["timings"].values())
+    assert result["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1x197x768 | float32 | kzoo |" in rational.table(payload)
+
+
+def test_models_bench_writes_results(tmp_path):
+    result = models.run(torch.device("cpu"), sizes=("tiny",), batch=1, warmup=1, iters=1, out_dir=tmp_path)
+    payload = json.loads(result["json"].read_text())
+    assert [row["model"] for row in payload["rows"]] == ["kat_tiny_patch16_224", "deit_tiny_patch16_224"]
+    assert payload["rows"][0]["param_count"] == 5_718_328
+    assert payload["kat_over_deit"]["tiny"]["infer"] > 0
+    assert result["plot"].read_bytes()[:4] == b"\x89PNG"

@@ -1,5 +1,7 @@
 """Fast CPU paths, tested against ``reference.py``.
 
+Block-sparse attention runs one dense attention per run of queries that share a key range.
+
 The group-rational op is the reference definition compiled by Inductor, which fuses the Horner
 chains (and, in the backward, the coefficient reductions) into one vectorised loop. It is called on
 the op's (rows, groups, span) view, so the coefficients are per-group scalars in the inner loop:
@@ -33,3 +35,70 @@ def group_rational_backward(
     if numerator.shape[0] == 1:
         grad_numerator = grad_numerator.sum(0, keepdim=True)
     return grad_x, grad_numerator, grad_denominator
+
+
+def query_runs(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]]:
+    """Runs of consecutive queries that share one key range: (q_begin, q_end, k_begin, k_end)."""
+    changes = torch.ones(kv_start.shape[-1], dtype=torch.bool)
+    changes[1:] = (kv_start[1:] != kv_start[:-1]) | (kv_end[1:] != kv_end[:-1])
+    begins = torch.nonzero(changes).flatten().tolist()
+    ends = begins[1:] + [kv_start.shape[-1]]
+    starts, stops = kv_start.tolist(), kv_end.tolist()
+    return [(b, e, starts[b], stops[b]) for b, e in zip(begins, ends)]
+
+
+def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]] | None:
+    """The query runs when per-run dense attention pays (scale layouts: a few runs), else None.
+
+    Per-sample (B, Lq) ranges, and layouts with a range per query (causal, windows), go to the
+    masked path instead.
+    """
+    if kv_start.ndim != 1 or kv_start.numel() == 0:
+        return None
+    runs = query_runs(kv_start, kv_end)
+    return runs if len(runs) <= max(32, kv_start.numel() // 16) else None
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
+    """Dense attention per run of queries sharing a key range, with runs of one shape batched
+    together, so that no Lq x Lk mask exists; masked SDPA for other layouts."""
+    runs = segmented(kv_start, kv_end)
+    if runs is None:
+        mask = reference.range_mask(kv_start, kv_end, k.shape[-2])
+        mask = mask[:, None] if mask.ndim == 3 else mask
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # SDPA gives NaN for empty rows
+    out = q.new_zeros(q.shape)
+    by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for run in runs:
+        if run[3] > run[2]:
+            by_shape.setdefault((run[1] - run[0], run[3] - run[2]), []).append(run)
+    for group in by_shape.values():
+        qs = torch.stack([q[..., a:b, :] for a, b, _, _ in group])
+        ks = torch.stack([k[..., c:d, :] for _, _, c, d in group])
+        vs = torch.stack([v[..., c:d, :] for _, _, c, d in group])
+        result = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+        for (a, b, _, _), part in zip(group, result):
+            out[..., a:b, :] = part
+    return out
+
+
+def block_sparse_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference backward, run per run of queries when the layout is segmented."""
+    runs = segmented(kv_start, kv_end)
+    if runs is None:
+        return reference.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for a, b, c, d in runs:
+        if d <= c:
+            continue
+        start = torch.zeros(b - a, dtype=torch.int32)
+        stop = torch.full((b - a,), d - c, dtype=torch.int32)
+        part = reference.block_sparse_attention_backward(
+            grad_out[..., a:b, :], q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], start, stop, scale)
+        dq[..., a:b, :] = part[0]
+        dk[..., c:d, :] += part[1]
+        dv[..., c:d, :] += part[2]
+    return dq, dk, dv

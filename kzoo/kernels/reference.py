@@ -98,3 +98,46 @@ def group_rational_backward(
     denominator_sign = torch.where(denominator < 0, -1.0, 1.0).to(xf.dtype)
     grad_denominator = torch.stack(grad_b, dim=1) * denominator_sign
     return grad_x.to(x.dtype), grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
+
+
+def range_mask(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> Tensor:
+    """Boolean (..., Lq, Lk) mask: query i sees key j iff kv_start[..., i] <= j < kv_end[..., i]."""
+    keys = torch.arange(num_keys, device=kv_start.device)
+    return (keys >= kv_start[..., None]) & (keys < kv_end[..., None])
+
+
+def _attention_probabilities(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
+    """Softmax over each query's allowed keys in compute dtype; rows with no keys are all zero."""
+    dtype = compute_dtype(q)
+    mask = range_mask(kv_start, kv_end, k.shape[-2])
+    if mask.ndim == 3:  # per-sample ranges (B, Lq, Lk) broadcast over heads
+        mask = mask[:, None]
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    empty = ~mask.any(-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float | None = None
+) -> Tensor:
+    """softmax(q k^T * scale, over keys kv_start[i] <= j < kv_end[i]) v; a query with no keys gives 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probabilities = _attention_probabilities(q, k, kv_start, kv_end, scale)
+    return (probabilities @ v.to(probabilities.dtype)).to(q.dtype)
+
+
+def block_sparse_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of :func:`block_sparse_attention`, written out: dS = P * (dP - rowsum(dP * P))."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = _attention_probabilities(q, k, kv_start, kv_end, scale)
+    dtype = p.dtype
+    do = grad_out.to(dtype)
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ v.to(dtype).transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ k.to(dtype)) * scale
+    dk = (ds.transpose(-2, -1) @ q.to(dtype)) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

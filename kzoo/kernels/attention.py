@@ -1,0 +1,181 @@
+"""``torch.ops.kzoo.block_sparse_attention``: range helpers, checks, registration and autograd.
+
+Query i attends key j iff ``kv_start[i] <= j < kv_end[i]``. The op returns the output and an
+auxiliary tensor for the backward: the Triton path's per-row log-sum-exp (base 2), or an empty
+tensor on the CPU and reference paths, whose backward recomputes the probabilities.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backend import resolve
+
+HEAD_DIMS = (16, 32, 64, 128)
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --- range helpers -----------------------------------------------------------------------------
+
+def scale_ranges(patch_nums, mode: str) -> tuple[Tensor, Tensor]:
+    """Key ranges for multi-scale token sequences (scale by scale, row-major inside a scale).
+
+    markov / bidirectional: each token sees its own scale (HMAR); block_causal: its own and all
+    earlier scales (VAR); dense: every token.
+    """
+    sizes = [int(p) ** 2 for p in patch_nums]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"scale_ranges: patch_nums {tuple(patch_nums)} must be positive")
+    ends = list(itertools.accumulate(sizes))
+    begins = [e - s for e, s in zip(ends, sizes)]
+    total = ends[-1]
+    if mode in ("markov", "bidirectional"):
+        start = [b for b, s in zip(begins, sizes) for _ in range(s)]
+    elif mode in ("block_causal", "dense"):
+        start = [0] * total
+    else:
+        raise ValueError(f"scale_ranges: mode {mode!r} is not one of markov, block_causal, dense, bidirectional")
+    end = [total] * total if mode == "dense" else [e for e, s in zip(ends, sizes) for _ in range(s)]
+    return torch.tensor(start, dtype=torch.int32), torch.tensor(end, dtype=torch.int32)
+
+
+def causal_ranges(length: int) -> tuple[Tensor, Tensor]:
+    """Token i sees keys 0..i."""
+    return torch.zeros(length, dtype=torch.int32), torch.arange(1, length + 1, dtype=torch.int32)
+
+
+def window_ranges(length: int, left: int, right: int) -> tuple[Tensor, Tensor]:
+    """Token i sees keys i-left..i+right, clipped to the sequence."""
+    if left < 0 or right < 0:
+        raise ValueError(f"window_ranges: left={left} and right={right} must be non-negative")
+    i = torch.arange(length, dtype=torch.int32)
+    return (i - left).clamp_min(0), (i + right + 1).clamp_max(length)
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _ATTENTION_DTYPES:
+            raise TypeError(f"block_sparse_attention: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+        if t.ndim != 4:
+            raise ValueError(f"block_sparse_attention: {name} has shape {tuple(t.shape)}; expected (B, H, L, D)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"block_sparse_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "do not match as (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)")
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"block_sparse_attention: head dim D={q.shape[3]} is not one of {HEAD_DIMS}")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"block_sparse_attention: {name} has dtype {t.dtype}; expected torch.int32")
+        if t.shape not in ((q.shape[2],), (q.shape[0], q.shape[2])):
+            raise ValueError(f"block_sparse_attention: {name} has shape {tuple(t.shape)}; "
+                             f"expected ({q.shape[2]},) or ({q.shape[0]}, {q.shape[2]})")
+    devices = {t.device for t in (q, k, v, kv_start, kv_end)}
+    if len(devices) > 1:
+        raise ValueError(f"block_sparse_attention: inputs are on several devices: {sorted(map(str, devices))}")
+
+
+def _check_ranges(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> None:
+    """Value checks (they read the ranges, so they run outside tracing)."""
+    if kv_start.numel() == 0:
+        return
+    low, high = int(kv_start.min()), int(kv_end.max())
+    if low < 0 or high > num_keys or int(kv_end.min()) < 0 or int(kv_start.max()) > num_keys:
+        raise ValueError(f"block_sparse_attention: ranges span [{low}, {high}), outside [0, {num_keys}]")
+    bad = torch.nonzero(kv_start > kv_end)
+    if bad.numel():
+        index = tuple(bad[0].tolist())
+        raise ValueError(f"block_sparse_attention: kv_start[{index}]={int(kv_start[index])} > "
+                         f"kv_end[{index}]={int(kv_end[index])}")
+
+
+# --- the op ------------------------------------------------------------------------------------
+
+def _stats_shape(q: Tensor) -> tuple[int, ...]:
+    return tuple(q.shape[:3]) if resolve(q.device) == "triton" else (0,)
+
+
+@torch.library.custom_op("kzoo::block_sparse_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    _check_inputs(q, k, v, kv_start, kv_end)
+    _check_ranges(kv_start, kv_end, k.shape[2])
+    backend = resolve(q.device)
+    if q.numel() == 0 or k.shape[2] == 0:
+        return q.new_zeros(q.shape), q.new_empty(_stats_shape(q), dtype=torch.float32).fill_(float("-inf"))
+    if backend == "triton":
+        from .triton.attention import attention_forward
+
+        return attention_forward(q, k, v, kv_start, kv_end, scale)
+    if backend == "cpu":
+        from . import cpu
+
+        out = cpu.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
+    else:
+        out = reference.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
+    return out.contiguous(), q.new_empty(0, dtype=torch.float32)
+
+
+@_attention_op.register_fake
+def _(q, k, v, kv_start, kv_end, scale):
+    _check_inputs(q, k, v, kv_start, kv_end)
+    return q.new_empty(q.shape), q.new_empty(_stats_shape(q), dtype=torch.float32)
+
+
+@torch.library.custom_op("kzoo::block_sparse_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
+                           kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    if q.numel() == 0 or k.shape[2] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    backend = resolve(q.device)
+    if backend == "triton":
+        from .triton.attention import attention_backward
+
+        return attention_backward(grad_out, q, k, v, out, stats, kv_start, kv_end, scale)
+    if backend == "cpu":
+        from . import cpu
+
+        grads = cpu.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
+    else:
+        grads = reference.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, stats, kv_start, kv_end, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_start, kv_end, scale = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, kv_start, kv_end)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_out: Tensor, grad_stats):
+    q, k, v, out, stats, kv_start, kv_end = ctx.saved_tensors
+    dq, dk, dv = torch.ops.kzoo.block_sparse_attention_backward(
+        grad_out.contiguous(), q, k, v, out, stats, kv_start, kv_end, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, *,
+                           scale: float | None = None) -> Tensor:
+    """Attention where query i sees keys ``kv_start[i] <= j < kv_end[i]`` (see ``scale_ranges``).
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); D in (16, 32, 64, 128); ranges int32 (Lq,) or (B, Lq).
+    A query with an empty range outputs zeros and gets zero gradients.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, scale)[0]

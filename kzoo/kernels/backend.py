@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,3 +60,9 @@ def resolve(device: torch.device) -> str:
             "or on CPU only with TRITON_INTERPRET=1 set before triton is imported"
         )
     return "cpu" if device.type == "cpu" else "reference"
+
+
+def launch_device(x: torch.Tensor):
+    """Context for a kernel launch on x's GPU rather than the current one (the original KAT kernels
+    failed on cuda:1, kat#28); a no-op for CPU tensors under the interpreter."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -11,14 +11,12 @@ kernels are what made KAT train two orders of magnitude slower than ViT).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import triton_interpreted
+from ..backend import launch_device, triton_interpreted
 
 FORWARD_BLOCK = 2048
 BACKWARD_BLOCK = 1024
@@ -132,18 +130,13 @@ def _coefficients(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tenso
     return numerator.float().contiguous(), denominator.float().contiguous(), numerator_row_stride
 
 
-def _on_device(x: Tensor):
-    # Launch on x's GPU, not the current one (the original kernels failed on cuda:1, kat#28).
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def group_rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     """y for a contiguous (rows, groups, span) x with numel > 0."""
     rows, groups, span = x.shape
     y = torch.empty_like(x)
     num, den, num_stride = _coefficients(numerator, denominator)
     grid, block_rows, block_span = _grid(rows, span, groups, FORWARD_BLOCK)
-    with _on_device(x):
+    with launch_device(x):
         group_rational_kernel[grid](
             x, y, x, y, y, num, den, rows, span, num_stride,
             BACKWARD=False, BLOCK_ROWS=block_rows, BLOCK_SPAN=block_span, num_warps=NUM_WARPS)
@@ -159,7 +152,7 @@ def group_rational_backward(
     num, den, num_stride = _coefficients(numerator, denominator)
     grid, block_rows, block_span = _grid(rows, span, groups, BACKWARD_BLOCK)
     partials = torch.empty(grid[0], groups, PARTIALS, device=x.device, dtype=torch.float32)
-    with _on_device(x):
+    with launch_device(x):
         group_rational_kernel[grid](
             x, x, grad_out, grad_x, partials, num, den, rows, span, num_stride,
             BACKWARD=True, BLOCK_ROWS=block_rows, BLOCK_SPAN=block_span, num_warps=NUM_WARPS)

@@ -1,0 +1,298 @@
+"""Block-sparse attention kernels (FlashAttention-2 style, per-row key ranges).
+
+Query i sees keys kv_start[i] <= j < kv_end[i]. A query tile walks only the key tiles between
+the smallest start and the largest end of its rows; key tiles that every row of the tile covers
+run without per-element masking. The backward computes delta = rowsum(dO * O) in a small pass,
+dK/dV per key tile over only the query tiles that can see it (their span is found on the host from
+the ranges), and dQ per query tile over the forward's key tiles. Softmax runs in base 2 with fp32
+statistics; rows with no keys give zeros and zero gradients.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backend import launch_device, triton_interpreted
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, lo, hi, Lk, qk_scale,
+                   offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_bounds = (offs_n < Lk)[:, None]
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=in_bounds, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=in_bounds, other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            allowed = (offs_n[None, :] >= start[:, None]) & (offs_n[None, :] < end[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_forward_kernel(
+    Q, K, V, O, LSE, START, END,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, range_stride,
+    H, Lq, Lk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
+    end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
+    has_keys = start < end
+    lo = tl.min(tl.where(has_keys, start, Lk))
+    hi = tl.max(tl.where(has_keys, end, 0))
+    # Key tiles inside [full_lo, full_hi) are seen by every row: no mask needed there.
+    every_row_has_keys = tl.sum((row_ok & (start >= end)).to(tl.int32)) == 0
+    full_lo = tl.max(tl.where(row_ok, start, 0))
+    full_hi = tl.min(tl.where(row_ok, end, Lk))
+    unmasked_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    unmasked_hi = (full_hi // BLOCK_N) * BLOCK_N
+    has_unmasked = every_row_has_keys & (unmasked_lo < unmasked_hi)
+    unmasked_lo = tl.where(has_unmasked, unmasked_lo, hi)
+    unmasked_hi = tl.where(has_unmasked, unmasked_hi, hi)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    first = (lo // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, first,
+                                   unmasked_lo, Lk, qk_scale, offs_d, BLOCK_N, True, PRECISION)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, unmasked_lo,
+                                   unmasked_hi, Lk, qk_scale, offs_d, BLOCK_N, False, PRECISION)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, unmasked_hi,
+                                   hi, Lk, qk_scale, offs_d, BLOCK_N, True, PRECISION)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_base = O + b * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def attention_backward_delta_kernel(O, DO, DELTA, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) for contiguous (B*H, Lq, D) O and dO."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    offsets = bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Lq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _probabilities_and_grad_scores(q, k, v, do, lse, delta, start, end, offs_n, qk_scale,
+                                   PRECISION: tl.constexpr):
+    """P and dS = P * (dP - delta) of one (query tile, key tile) pair; rows without keys give 0."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    allowed = (offs_n[None, :] >= start[:, None]) & (offs_n[None, :] < end[:, None])
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def attention_backward_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, START, END, QUERY_SPAN,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, range_stride, span_stride,
+    H, Lq, Lk, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile, from the query tiles in QUERY_SPAN (the queries that see it).
+
+    DO, DK and DV are contiguous (B, H, L, D); Q, K and V may be strided.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < Lk
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    span = QUERY_SPAN + (b * span_stride + pid_n) * 2
+    q_lo = tl.load(span)
+    q_hi = tl.load(span + 1)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + bh.to(tl.int64) * Lq * HEAD_DIM
+    for m0 in range((q_lo // BLOCK_M) * BLOCK_M, q_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
+        end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        p, ds = _probabilities_and_grad_scores(q, k, v, do, lse, delta, start, end, offs_n, qk_scale, PRECISION)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    out = bh.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def attention_backward_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, START, END,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, range_stride,
+    H, Lq, Lk, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of one query tile, over the key tiles its rows can see."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
+    end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
+    has_keys = start < end
+    lo = tl.min(tl.where(has_keys, start, Lk))
+    hi = tl.max(tl.where(has_keys, end, 0))
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    rows = bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_bounds = (offs_n < Lk)[:, None]
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=in_bounds, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=in_bounds, other=0.0)
+        p, ds = _probabilities_and_grad_scores(q, k, v, do, lse, delta, start, end, offs_n, qk_scale, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --- launchers ---------------------------------------------------------------------------------
+
+def tile_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps and num_stages for one head size and dtype."""
+    if triton_interpreted():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32 or head_dim == 128
+    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products; fp16/bf16 use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _ranges(kv_start: Tensor, kv_end: Tensor, q: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Ranges as contiguous int32 with a batch stride: 0 when shared by the batch."""
+    return kv_start.contiguous(), kv_end.contiguous(), (kv_start.shape[-1] if kv_start.ndim == 2 else 0)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
+                      scale: float) -> tuple[Tensor, Tensor]:
+    """(out, base-2 log-sum-exp per row) for (B, H, L, D) q, k, v with Lq, Lk > 0."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    batch, heads, lq, head_dim = q.shape
+    lk = k.shape[2]
+    start, end, range_stride = _ranges(kv_start, kv_end, q)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads, lq, device=q.device, dtype=torch.float32)
+    config = tile_config(head_dim, q.dtype)
+    grid = (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)
+    with launch_device(q):
+        attention_forward_kernel[grid](
+            q, k, v, out, lse, start, end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), range_stride,
+            heads, lq, lk, scale * LOG2E, HEAD_DIM=head_dim, PRECISION=_precision(q.dtype), **config)
+    return out, lse
+
+
+def query_span_per_key_tile(kv_start: Tensor, kv_end: Tensor, num_keys: int, block_n: int) -> Tensor:
+    """(R, key tiles, 2) int32: first and one-past-last query that sees any key of each key tile."""
+    start, end = kv_start.reshape(-1, kv_start.shape[-1]).long(), kv_end.reshape(-1, kv_end.shape[-1]).long()
+    tile_lo = torch.arange(0, num_keys, block_n, device=start.device)
+    sees = (start[:, None, :] < (tile_lo + block_n)[None, :, None]) & (end[:, None, :] > tile_lo[None, :, None])
+    sees &= (start < end)[:, None, :]
+    index = torch.arange(start.shape[-1], device=start.device)
+    first = torch.where(sees, index, start.shape[-1]).amin(-1)
+    last = torch.where(sees, index + 1, 0).amax(-1)
+    return torch.stack([first, last], -1).to(torch.int32).contiguous()
+
+
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); grad_out and out contiguous (B, H, Lq, D)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    grad_out, out = grad_out.contiguous(), out.contiguous()
+    batch, heads, lq, head_dim = q.shape
+    lk = k.shape[2]
+    start, end, range_stride = _ranges(kv_start, kv_end, q)
+    config = tile_config(head_dim, q.dtype)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    precision = _precision(q.dtype)
+    delta = torch.empty(batch, heads, lq, device=q.device, dtype=torch.float32)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    spans = query_span_per_key_tile(start, end, lk, block_n)
+    span_stride = spans.shape[1] if range_stride else 0
+    with launch_device(q):
+        attention_backward_delta_kernel[(triton.cdiv(lq, block_m), batch * heads)](
+            out, grad_out, delta, lq, HEAD_DIM=head_dim, BLOCK_M=block_m)
+        attention_backward_dkdv_kernel[(triton.cdiv(lk, block_n), batch * heads)](
+            q, k, v, grad_out, dk, dv, lse, delta, start, end, spans,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), range_stride, span_stride,
+            heads, lq, lk, scale * LOG2E, scale, HEAD_DIM=head_dim, PRECISION=precision, **config)
+        attention_backward_dq_kernel[(triton.cdiv(lq, block_m), batch * heads)](
+            q, k, v, grad_out, dq, lse, delta, start, end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), range_stride,
+            heads, lq, lk, scale * LOG2E, scale, HEAD_DIM=head_dim, PRECISION=precision, **config)
+    return dq, dk, dv

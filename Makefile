@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/kzoo bench rational
+	$(VENV)/bin/kzoo bench attention
 	$(VENV)/bin/kzoo bench models
 
 clean:

@@ -14,6 +14,10 @@ def _bench(args: argparse.Namespace) -> int:
         from kzoo.bench import rational as bench
 
         result = bench.run(device, batch=args.batch, repeats=args.repeats or 5, out_dir=Path(args.out))
+    elif args.what == "attention":
+        from kzoo.bench import attention as bench
+
+        result = bench.run(device, batch=args.batch, repeats=args.repeats or 5, out_dir=Path(args.out))
     else:
         from kzoo.bench import models as bench
 
@@ -37,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="benchmark kzoo's kernels and models")
-    bench.add_argument("what", choices=["rational", "models"],
-                       help="rational: the activation op; models: KAT against DeiT throughput")
+    bench.add_argument("what", choices=["rational", "attention", "models"],
+                       help="rational: the activation op; attention: block-sparse attention on HMAR/VAR "
+                            "layouts; models: KAT against DeiT throughput")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--batch", type=int, default=None,
-                       help="batch size (rational: of the KAT shapes, default 128; models: 16 on CPU, 256 on GPU)")
+                       help="batch size (rational: of the KAT shapes, default 128; attention: 1 on CPU, 4 on GPU; "
+                            "models: 16 on CPU, 256 on GPU)")
     bench.add_argument("--repeats", type=int, default=None,
                        help="timed repeats per measurement, median reported (rational: 5; models: 10 on CPU, 40 on GPU)")
     bench.add_argument("--sizes", default="tiny,small,base", help="models: comma-separated KAT/DeiT sizes")

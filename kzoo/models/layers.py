@@ -131,3 +131,34 @@ class KAN(nn.Module):
         x = self.fc1(self.drop1(self.act1(x)))
         x = self.norm(self.drop2(self.act2(x)))
         return self.fc2(x)
+
+
+class SparseSelfAttention(nn.Module):
+    """Multi-head self-attention in which token i attends keys ``kv_start[i] <= j < kv_end[i]``.
+
+    The ranges are computed once per layout (``kzoo.kernels.scale_ranges`` and friends) and passed
+    to ``forward``; the attention runs on ``torch.ops.kzoo.block_sparse_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False,
+                 proj_bias: bool = True, proj_drop: float = 0.0, norm_layer=nn.LayerNorm,
+                 scale: float | None = None, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"SparseSelfAttention: dim={dim} is not divisible by num_heads={num_heads}")
+        dd = dict(device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5 if scale is None else scale
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, kv_start: Tensor, kv_end: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, self.scale)[0]
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, length, dim)))

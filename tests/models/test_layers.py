@@ -74,3 +74,25 @@ def test_torchscript():
     scripted(x).sum().backward()
     torch.testing.assert_close(scripted(x), act(x))
     assert scripted.weight_numerator.grad is not None and x.grad is not None
+
+
+def test_sparse_self_attention_matches_masked_attention_and_compiles():
+    from kzoo.kernels import reference, scale_ranges
+    from kzoo.models.layers import SparseSelfAttention
+
+    torch.manual_seed(0)
+    attn = SparseSelfAttention(64, num_heads=4, qk_norm=True)
+    start, end = scale_ranges((1, 2, 3, 4), "markov")
+    x = torch.randn(2, 30, 64)
+    out = attn(x, start, end)
+    q, k, v = attn.qkv(x).reshape(2, 30, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    expected = reference.block_sparse_attention(attn.q_norm(q), attn.k_norm(k), v, start, end)
+    torch.testing.assert_close(out, attn.proj(expected.transpose(1, 2).reshape(2, 30, 64)), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, fullgraph=True)
+    y = compiled(x, start, end)
+    torch.testing.assert_close(y, out, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in attn.parameters())
+    with pytest.raises(ValueError, match="dim=30"):
+        SparseSelfAttention(30, num_heads=4)

@@ -214,11 +214,22 @@ def attention_backward_dq_kernel(
 # --- launchers ---------------------------------------------------------------------------------
 
 def tile_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps and num_stages for one head size and dtype."""
+    """BLOCK_M, BLOCK_N, num_warps and num_stages for one head size and dtype.
+
+    fp32 runs exact (non-tensor-core) products, which hold their tiles in registers: its tiles are
+    the largest that compile for sm_80 and sm_90 without spilling.
+    """
     if triton_interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32 or head_dim == 128
-    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3)
+    if dtype == torch.float32:
+        if head_dim <= 32:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        if head_dim == 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if head_dim == 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -296,3 +307,42 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
             v.stride(0), v.stride(1), v.stride(2), range_stride,
             heads, lq, lk, scale * LOG2E, scale, HEAD_DIM=head_dim, PRECISION=precision, **config)
     return dq, dk, dv
+
+
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_INDEX_POINTERS = ("START", "END", "QUERY_SPAN")
+_STAT_POINTERS = ("LSE", "DELTA")
+_TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+
+
+def launch_configs() -> list[dict]:
+    """Every variant the launchers compile on a GPU, for ahead-of-time compile tests."""
+    configs = []
+    for head_dim in (16, 32, 64, 128):
+        for dtype, pointer in _POINTER_TYPES.items():
+            tiles = tile_config(head_dim, dtype)
+            for kernel in (attention_forward_kernel, attention_backward_delta_kernel,
+                           attention_backward_dkdv_kernel, attention_backward_dq_kernel):
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles["BLOCK_M"])
+                if kernel is not attention_backward_delta_kernel:
+                    constexprs.update(BLOCK_N=tiles["BLOCK_N"], PRECISION=_precision(dtype))
+                signature = {}
+                for name in kernel.arg_names:
+                    if name in constexprs:
+                        continue
+                    if name in _INDEX_POINTERS:
+                        signature[name] = "*i32"
+                    elif name in _STAT_POINTERS:
+                        signature[name] = "*fp32"
+                    elif name in _TENSOR_POINTERS:
+                        signature[name] = pointer
+                    elif name in ("qk_scale", "scale"):
+                        signature[name] = "fp32"
+                    else:
+                        signature[name] = "i32"
+                configs.append(dict(
+                    kernel=kernel, signature=signature, constexprs=constexprs,
+                    num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                    divisible_by_16=[n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_")],
+                ))
+    return configs

@@ -1,0 +1,118 @@
+"""``kzoo bench attention``: block-sparse attention on HMAR (markov) and VAR (block_causal) layouts.
+
+Compared side by side in one run, on the same q, k, v:
+* ``kzoo``: the op on its default path (Triton on GPU, per-run dense attention on CPU);
+* ``sdpa_masked``: ``scaled_dot_product_attention`` with the dense boolean mask (what VAR trains with);
+* ``sdpa_dense``: SDPA without a mask, the work of the full sequence (FlashAttention on GPU);
+* ``flex`` (GPU only): ``flex_attention`` with a ``create_block_mask`` built from the same ranges.
+TFLOP/s count only the allowed (query, key) pairs: 4 B H D pairs for the forward, 2.5 times that
+again for the backward.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kzoo.kernels import block_sparse_attention, reference, scale_ranges
+
+from .common import bar_chart, device_name, environment, median_ms, write_results
+
+SCHEDULES = {
+    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+}
+DEPTHS = {"d16": 16, "d30": 30}  # heads of HMAR/VAR-d16 and -d30, head dim 64
+HEAD_DIM = 64
+
+
+def _flex(start: Tensor, end: Tensor, length: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= start[q_idx]) & (kv_idx < end[q_idx])
+
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def _methods(start, end, length, device):
+    mask = reference.range_mask(start, end, length)
+    methods = {
+        "kzoo": lambda q, k, v: block_sparse_attention(q, k, v, start, end),
+        "sdpa_masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "sdpa_dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    }
+    if device.type == "cuda":
+        methods["flex"] = _flex(start, end, length, device)
+    return methods
+
+
+def run(device: torch.device, resolutions=None, depths=None, batch: int | None = None, repeats: int = 5,
+        out_dir: Path = Path("bench/results")) -> dict:
+    on_gpu = device.type == "cuda"
+    resolutions = resolutions or ((256, 512, 1024) if on_gpu else (256, 512))
+    depths = depths or tuple(DEPTHS)
+    batch = batch or (4 if on_gpu else 1)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    rows = []
+    for resolution in resolutions:
+        for mode in ("markov", "block_causal"):
+            start, end = (t.to(device) for t in scale_ranges(SCHEDULES[resolution], mode))
+            length = start.numel()
+            pairs = int((end - start).sum())
+            methods = _methods(start, end, length, device)
+            for depth in depths:
+                heads = DEPTHS[depth]
+                q, k, v = (torch.randn(batch, heads, length, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                grad_out = torch.randn_like(q)
+                flops = 4 * batch * heads * HEAD_DIM * pairs
+                timings = {}
+                for name, fn in methods.items():
+                    work = flops if name != "sdpa_dense" else 4 * batch * heads * HEAD_DIM * length * length
+                    with torch.no_grad():
+                        forward = median_ms(lambda: fn(q, k, v), device, repeats)
+
+                    def step():
+                        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+                    both = median_ms(step, device, repeats)
+                    timings[name] = dict(
+                        forward_ms=forward, forward_backward_ms=both,
+                        forward_TFLOPs_allowed=flops / forward / 1e9,
+                        forward_backward_TFLOPs_allowed=3.5 * flops / both / 1e9,
+                        forward_TFLOPs_executed=work / forward / 1e9)
+                for name, t in timings.items():
+                    t["forward_speedup_vs_sdpa_masked"] = timings["sdpa_masked"]["forward_ms"] / t["forward_ms"]
+                    t["forward_backward_speedup_vs_sdpa_masked"] = (
+                        timings["sdpa_masked"]["forward_backward_ms"] / t["forward_backward_ms"])
+                rows.append(dict(resolution=resolution, mode=mode, depth=depth, batch=batch, heads=heads,
+                                 head_dim=HEAD_DIM, length=length, allowed_pairs=pairs,
+                                 dtype=str(dtype).removeprefix("torch."), timings=timings))
+                print(f"{resolution} {mode:12s} {depth}: kzoo {timings['kzoo']['forward_ms']:.2f} ms fwd, "
+                      f"{timings['kzoo']['forward_speedup_vs_sdpa_masked']:.2f}x masked SDPA")
+    name = f"attention-{device_name(device)}"
+    payload = dict(benchmark="attention", environment=environment(device), repeats=repeats, rows=rows)
+    json_path = write_results(out_dir, name, payload)
+    labels = [f"{r['resolution']} {r['mode']}\n{r['depth']}" for r in rows]
+    series = {f"{m} fwd+bwd": [r["timings"][m]["forward_backward_ms"] for r in rows] for m in rows[0]["timings"]}
+    plot = bar_chart(out_dir / f"{name}.png", f"block-sparse attention, {device_name(device)} (median ms)",
+                     labels, series, "milliseconds, forward+backward (lower is better)")
+    return dict(payload=payload, json=json_path, plot=plot)
+
+
+def table(payload: dict) -> str:
+    lines = ["| layout | L | model | method | fwd ms | fwd+bwd ms | fwd vs masked SDPA | fwd+bwd vs masked SDPA "
+             "| fwd TFLOP/s (allowed pairs) |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for row in payload["rows"]:
+        for method, t in row["timings"].items():
+            lines.append(
+                f"| {row['resolution']} {row['mode']} | {row['length']} | {row['depth']} | {method} | "
+                f"{t['forward_ms']:.2f} | {t['forward_backward_ms']:.2f} | {t['forward_speedup_vs_sdpa_masked']:.2f} | "
+                f"{t['forward_backward_speedup_vs_sdpa_masked']:.2f} | {t['forward_TFLOPs_allowed']:.3f} |")
+    return "\n".join(lines)

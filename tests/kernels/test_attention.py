@@ -1,0 +1,202 @@
+import pytest
+import torch
+
+from kzoo.kernels import block_sparse_attention, causal_ranges, reference, scale_ranges, use_backend, window_ranges
+from tests.conftest import TRITON_DEVICE, relative_error
+
+PATCH_NUMS = (1, 2, 3, 4, 5, 6)  # 91 tokens
+
+
+def random_ranges(num_queries, num_keys, generator, batch=None):
+    """Random ranges with every special case present: empty rows, single-key rows and full rows."""
+    shape = (num_queries,) if batch is None else (batch, num_queries)
+    start = torch.randint(0, num_keys + 1, shape, generator=generator)
+    end = start + (torch.rand(shape, generator=generator) * (num_keys + 1 - start)).long()
+    start[..., 0], end[..., 0] = 3, 3                       # empty
+    start[..., 1], end[..., 1] = num_keys - 1, num_keys     # single key, the last one
+    start[..., 2], end[..., 2] = 0, num_keys                # full
+    start[..., 3], end[..., 3] = 5, 6                       # single key
+    return start.int(), end.int()
+
+
+def layout(name, generator):
+    """(Lq, Lk, kv_start, kv_end) for each tested layout."""
+    if name in ("markov", "block_causal"):
+        start, end = scale_ranges(PATCH_NUMS, name)
+        return 91, 91, start, end
+    if name == "causal":
+        return 70, 70, *causal_ranges(70)
+    if name == "window":
+        return 77, 77, *window_ranges(77, 9, 4)
+    if name == "random":
+        return 83, 83, *random_ranges(83, 83, generator)
+    if name == "random_lq_ne_lk":
+        return 37, 101, *random_ranges(37, 101, generator)
+    if name == "random_per_sample":
+        return 45, 60, *random_ranges(45, 60, generator, batch=2)
+    raise ValueError(name)
+
+
+LAYOUTS = ["markov", "block_causal", "causal", "window", "random", "random_lq_ne_lk", "random_per_sample"]
+
+
+def make_inputs(lq, lk, head_dim, dtype, device, generator, batch=2, heads=2):
+    q = torch.randn(batch, heads, lq, head_dim, generator=generator)
+    k = torch.randn(batch, heads, lk, head_dim, generator=generator)
+    v = torch.randn(batch, heads, lk, head_dim, generator=generator)
+    grad_out = torch.randn(batch, heads, lq, head_dim, generator=generator)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, grad_out)]
+
+
+def run_op(q, k, v, kv_start, kv_end, grad_out, **kwargs):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(q, k, v, kv_start, kv_end, **kwargs)
+    out.backward(grad_out)
+    return out, (q.grad, k.grad, v.grad)
+
+
+def float64_reference(q, k, v, kv_start, kv_end, grad_out, scale=None):
+    args = [t.detach().cpu().double() for t in (q, k, v)]
+    ranges = [kv_start.cpu(), kv_end.cpu()]
+    out = reference.block_sparse_attention(*args, *ranges, scale)
+    grads = reference.block_sparse_attention_backward(grad_out.cpu().double(), *args, *ranges, scale)
+    return out, grads
+
+
+def naive_attention(q, k, v, kv_start, kv_end, scale):
+    """Row by row, with an explicit list of allowed keys: independent of the reference's masking."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for i in range(q.shape[2]):
+            s, e = (kv_start[b, i], kv_end[b, i]) if kv_start.ndim == 2 else (kv_start[i], kv_end[i])
+            keys = list(range(int(s), int(e)))
+            if keys:
+                scores = (q[b, :, i:i + 1].double() @ k[b, :, keys].double().transpose(-2, -1)) * scale
+                out[b, :, i] = (scores.softmax(-1) @ v[b, :, keys].double())[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_reference_matches_naive_attention(name):
+    g = torch.Generator().manual_seed(1)
+    lq, lk, start, end = layout(name, g)
+    q, k, v, _ = make_inputs(lq, lk, 16, torch.float64, "cpu", g)
+    expected = naive_attention(q, k, v, start, end, 0.3)
+    torch.testing.assert_close(reference.block_sparse_attention(q, k, v, start, end, 0.3), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("name", ["markov", "random", "random_per_sample"])
+def test_gradcheck(backend, name):
+    g = torch.Generator().manual_seed(2)
+    _, _, start, end = layout(name, g)
+    lq = start.shape[-1]
+    lk = int(end.max()) + 1
+    q, k, v, _ = make_inputs(lq, lk, 16, torch.float64, "cpu", g, batch=2, heads=1)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(lambda q, k, v: block_sparse_attention(q, k, v, start, end), inputs)
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
+def check_against_reference(name, head_dim, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    lq, lk, start, end = layout(name, g)
+    q, k, v, grad_out = make_inputs(lq, lk, head_dim, dtype, device, g)
+    start, end = start.to(device), end.to(device)
+    out, grads = run_op(q, k, v, start, end, grad_out)
+    out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert relative_error(out, out_ref) < TOLERANCE[dtype]
+    for grad, grad_ref, label in zip(grads, grads_ref, "qkv"):
+        assert relative_error(grad, grad_ref) < TOLERANCE[dtype], f"d{label}"
+    empty = (start >= end).expand(q.shape[0], -1) if start.ndim == 1 else start >= end
+    rows = empty[:, None, :].expand(-1, q.shape[1], -1)
+    assert not out[rows].any() and not grads[0][rows].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_triton_matches_reference(name, head_dim, dtype, poison):
+    with use_backend("triton"):
+        check_against_reference(name, head_dim, dtype, TRITON_DEVICE, seed=head_dim + len(name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_cpu_path_matches_reference(name, head_dim, dtype, poison):
+    with use_backend("auto"):
+        check_against_reference(name, head_dim, dtype, "cpu", seed=head_dim + len(name))
+
+
+@pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])
+def test_empty_rows_and_empty_tensors(backend, device):
+    q, k, v = (torch.randn(1, 2, 5, 16, device=device) for _ in range(3))
+    nothing = torch.zeros(5, dtype=torch.int32, device=device)
+    with use_backend(backend):
+        out, grads = run_op(q, k, v, nothing, nothing, torch.ones_like(q))
+        assert not out.any() and all(not g.any() for g in grads)
+        empty_q = torch.randn(1, 2, 0, 16, device=device, requires_grad=True)
+        out = block_sparse_attention(empty_q, k, v, nothing[:0], nothing[:0])
+        out.sum().backward()
+        assert out.shape == (1, 2, 0, 16) and empty_q.grad.shape == empty_q.shape
+
+
+def test_scale_and_strided_inputs():
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 40, 3, 2, 32, generator=g)  # (B, L, 3, H, D) as a fused projection lays it out
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    start, end = window_ranges(40, 3, 3)
+    grad_out = torch.randn(2, 2, 40, 32, generator=g)
+    for backend, device in (("auto", "cpu"), ("triton", TRITON_DEVICE)):
+        with use_backend(backend):
+            out, grads = run_op(*(t.to(device) for t in (q, k, v)), start.to(device), end.to(device),
+                                grad_out.to(device), scale=0.2)
+        out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out, scale=0.2)
+        assert relative_error(out, out_ref) < 1e-4
+        for grad, grad_ref in zip(grads, grads_ref):
+            assert relative_error(grad, grad_ref) < 1e-4
+
+
+def test_range_helpers():
+    start, end = scale_ranges((1, 2, 3), "markov")
+    assert start.dtype == end.dtype == torch.int32
+    assert start.tolist() == [0, 1, 1, 1, 1] + [5] * 9 and end.tolist() == [1] + [5] * 4 + [14] * 9
+    start, end = scale_ranges((1, 2, 3), "block_causal")
+    assert start.tolist() == [0] * 14 and end.tolist() == [1] + [5] * 4 + [14] * 9
+    assert scale_ranges((1, 2), "bidirectional")[0].tolist() == scale_ranges((1, 2), "markov")[0].tolist()
+    assert scale_ranges((1, 2), "dense")[1].tolist() == [5] * 5
+    assert scale_ranges((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "markov")[0].shape == (680,)
+    assert causal_ranges(3)[1].tolist() == [1, 2, 3]
+    assert window_ranges(5, 1, 2)[0].tolist() == [0, 0, 1, 2, 3]
+    assert window_ranges(5, 1, 2)[1].tolist() == [3, 4, 5, 5, 5]
+    with pytest.raises(ValueError, match="'sideways'"):
+        scale_ranges((1, 2), "sideways")
+
+
+def _inputs(lq=8, lk=8, d=16, dtype=torch.float32):
+    return tuple(torch.randn(1, 2, n, d).to(dtype) for n in (lq, lk, lk))
+
+
+@pytest.mark.parametrize("case,error,message", [
+    (lambda: (*_inputs(), torch.zeros(8, dtype=torch.int32), torch.full((8,), 9, dtype=torch.int32)),
+     ValueError, r"outside \[0, 8\]"),
+    (lambda: (*_inputs(), torch.full((8,), 4, dtype=torch.int32), torch.full((8,), 2, dtype=torch.int32)),
+     ValueError, r"kv_start\[\(0,\)\]=4 > kv_end\[\(0,\)\]=2"),
+    (lambda: (*_inputs(d=24), *causal_ranges(8)), ValueError, "D=24"),
+    (lambda: (*_inputs(lk=9)[:2], _inputs()[2], *causal_ranges(8)), ValueError, r"k \(1, 2, 9, 16\), v \(1, 2, 8, 16\)"),
+    (lambda: (*_inputs(), *causal_ranges(7)), ValueError, r"\(7,\); expected \(8,\)"),
+    (lambda: (*_inputs(), torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.int64)),
+     TypeError, "torch.int64"),
+    (lambda: (*_inputs(dtype=torch.int32), *causal_ranges(8)), TypeError, "torch.int32"),
+    (lambda: (torch.randn(2, 8, 16), *_inputs()[1:], *causal_ranges(8)), ValueError, r"\(2, 8, 16\)"),
+])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_input(case, error, message, backend):
+    with use_backend(backend), pytest.raises(error, match=message):
+        block_sparse_attention(*case())

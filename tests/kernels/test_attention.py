@@ -24,6 +24,9 @@ def layout(name, generator):
     if name in ("markov", "block_causal"):
         start, end = scale_ranges(PATCH_NUMS, name)
         return 91, 91, start, end
+    if name == "equal_blocks":  # several runs of one shape: batched together on the CPU path
+        start, end = scale_ranges((2, 2, 2, 3, 1), "markov")
+        return 22, 22, start, end
     if name == "causal":
         return 70, 70, *causal_ranges(70)
     if name == "window":
@@ -37,7 +40,7 @@ def layout(name, generator):
     raise ValueError(name)
 
 
-LAYOUTS = ["markov", "block_causal", "causal", "window", "random", "random_lq_ne_lk", "random_per_sample"]
+LAYOUTS = ["markov", "block_causal", "equal_blocks", "causal", "window", "random", "random_lq_ne_lk", "random_per_sample"]
 
 
 def make_inputs(lq, lk, head_dim, dtype, device, generator, batch=2, heads=2):

@@ -1,10 +1,9 @@
 """Every Triton launch configuration compiles ahead of time for sm_80 and sm_90, without spills.
 
 No GPU is needed: triton.compile targets a GPUTarget, and cuobjdump (shipped with triton) reads the
-cubin's register, stack and local-memory use.
+cubin's register, stack and local-memory use. The configurations are listed by each kernel module's
+``launch_configs()``, evaluated in the subprocess, where TRITON_INTERPRET is unset.
 """
-import functools
-import importlib
 import json
 import os
 import subprocess
@@ -13,11 +12,7 @@ from pathlib import Path
 
 import pytest
 
-RATIONAL = "kzoo.kernels.triton.rational"
-ATTENTION = "kzoo.kernels.triton.attention"
 
-
-@functools.lru_cache(maxsize=None)
 def compile_module(module: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("aot_compile.py")
@@ -27,30 +22,34 @@ def compile_module(module: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(RATIONAL, marks=pytest.mark.xdist_group("aot-rational")),
-    pytest.param(ATTENTION, marks=pytest.mark.xdist_group("aot-attention")),
-])
-def test_every_configuration_compiles_without_spills(module):
-    rows = compile_module(module)
-    configs = importlib.import_module(module).launch_configs()
-    assert len(rows) == 2 * len(configs) > 0
-    assert {row["arch"] for row in rows} == {80, 90}
+def check_no_spills(rows: list[dict]) -> None:
+    per_arch = {arch: [r for r in rows if r["arch"] == arch] for arch in (80, 90)}
+    assert len(per_arch[80]) == len(per_arch[90]) > 0 and len(rows) == 2 * len(per_arch[80])
     for row in rows:
         where = f"{row['name']} sm_{row['arch']} {row['constexprs']} {row['signature']}"
         assert row.get("local", 0) == 0 and row.get("stack", 0) == 0, f"local-memory spill in {where}"
         assert 0 < row["reg"] <= 255, where
 
 
-@pytest.mark.xdist_group("aot-attention")
-def test_attention_uses_the_matrix_units():
-    checked = 0
-    for row in compile_module(ATTENTION):
-        pointer = row["signature"].get("Q")
-        if row["name"] == "attention_backward_delta_kernel" or pointer not in ("*fp16", "*bf16"):
+def test_rational_kernels_compile_without_spills():
+    rows = compile_module("kzoo.kernels.triton.rational")
+    check_no_spills(rows)
+    assert {r["constexprs"]["BACKWARD"] for r in rows} == {False, True}
+
+
+def test_attention_kernels_compile_without_spills_and_use_the_matrix_units():
+    rows = compile_module("kzoo.kernels.triton.attention")
+    check_no_spills(rows)
+    names = {r["name"] for r in rows}
+    assert names == {"attention_forward_kernel", "attention_backward_delta_kernel",
+                     "attention_backward_dkdv_kernel", "attention_backward_dq_kernel"}
+    checked = set()
+    for row in rows:
+        pointer, head_dim = row["signature"].get("Q"), row["constexprs"]["HEAD_DIM"]
+        if row["name"] == "attention_backward_delta_kernel" or pointer not in ("*fp16", "*bf16") \
+                or head_dim not in (64, 128):
             continue
-        if row["constexprs"]["HEAD_DIM"] in (64, 128):
-            unit = "mma" if row["arch"] == 80 else "wgmma"
-            assert row[unit], f"{row['name']} sm_{row['arch']} {pointer} D={row['constexprs']['HEAD_DIM']}: no {unit}"
-            checked += 1
-    assert checked == 3 * 2 * 2 * 2  # kernels x dtypes x head dims x archs
+        unit = "mma" if row["arch"] == 80 else "wgmma"
+        assert row[unit], f"{row['name']} sm_{row['arch']} {pointer} D={head_dim} {row['constexprs']}: no {unit}"
+        checked.add((row["name"], pointer, head_dim, row["arch"]))
+    assert len(checked) == 3 * 2 * 2 * 2  # kernels x dtypes x head dims x archs

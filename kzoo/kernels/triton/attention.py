@@ -9,6 +9,8 @@ statistics; rows with no keys give zeros and zero gradients.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -47,6 +49,24 @@ def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start
 
 
 @triton.jit
+def _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile visits: [lo, hi), of which [unmasked_lo, unmasked_hi) every row sees whole.
+
+    lo is aligned to BLOCK_N; a tile with no keys at all gets an empty range.
+    """
+    has_keys = start < end
+    lo = (tl.min(tl.where(has_keys, start, Lk)) // BLOCK_N) * BLOCK_N
+    hi = tl.max(tl.where(has_keys, end, 0))
+    every_row_has_keys = tl.sum((row_ok & (start >= end)).to(tl.int32)) == 0
+    unmasked_lo = tl.cdiv(tl.max(tl.where(row_ok, start, 0)), BLOCK_N) * BLOCK_N
+    unmasked_hi = (tl.min(tl.where(row_ok, end, Lk)) // BLOCK_N) * BLOCK_N
+    has_unmasked = every_row_has_keys & (unmasked_lo < unmasked_hi)
+    unmasked_lo = tl.where(has_unmasked, unmasked_lo, hi)
+    unmasked_hi = tl.where(has_unmasked, unmasked_hi, hi)
+    return lo, hi, unmasked_lo, unmasked_hi
+
+
+@triton.jit
 def attention_forward_kernel(
     Q, K, V, O, LSE, START, END,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
@@ -63,18 +83,7 @@ def attention_forward_kernel(
     row_ok = offs_m < Lq
     start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
     end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
-    has_keys = start < end
-    lo = tl.min(tl.where(has_keys, start, Lk))
-    hi = tl.max(tl.where(has_keys, end, 0))
-    # Key tiles inside [full_lo, full_hi) are seen by every row: no mask needed there.
-    every_row_has_keys = tl.sum((row_ok & (start >= end)).to(tl.int32)) == 0
-    full_lo = tl.max(tl.where(row_ok, start, 0))
-    full_hi = tl.min(tl.where(row_ok, end, Lk))
-    unmasked_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-    unmasked_hi = (full_hi // BLOCK_N) * BLOCK_N
-    has_unmasked = every_row_has_keys & (unmasked_lo < unmasked_hi)
-    unmasked_lo = tl.where(has_unmasked, unmasked_lo, hi)
-    unmasked_hi = tl.where(has_unmasked, unmasked_hi, hi)
+    lo, hi, unmasked_lo, unmasked_hi = _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N)
 
     q_base = Q + b * stride_qb + h * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -83,8 +92,7 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    first = (lo // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, first,
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, lo,
                                    unmasked_lo, Lk, qk_scale, offs_d, BLOCK_N, True, PRECISION)
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start, end, unmasked_lo,
                                    unmasked_hi, Lk, qk_scale, offs_d, BLOCK_N, False, PRECISION)
@@ -118,8 +126,7 @@ def _probabilities_and_grad_scores(q, k, v, do, lse, delta, start, end, offs_n, 
     """P and dS = P * (dP - delta) of one (query tile, key tile) pair; rows without keys give 0."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     allowed = (offs_n[None, :] >= start[:, None]) & (offs_n[None, :] < end[:, None])
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.where(allowed, tl.exp2(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return p, p * (dp - delta[:, None])
 
@@ -189,9 +196,7 @@ def attention_backward_dq_kernel(
     row_ok = offs_m < Lq
     start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
     end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
-    has_keys = start < end
-    lo = tl.min(tl.where(has_keys, start, Lk))
-    hi = tl.max(tl.where(has_keys, end, 0))
+    lo, hi, _, _ = _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     rows = bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
@@ -201,7 +206,7 @@ def attention_backward_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_bounds = (offs_n < Lk)[:, None]
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=in_bounds, other=0.0)
@@ -214,7 +219,8 @@ def attention_backward_dq_kernel(
 # --- launchers ---------------------------------------------------------------------------------
 
 def tile_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps and num_stages for one head size and dtype.
+    """BLOCK_M, BLOCK_N, num_warps and num_stages of the backward kernels (and of the forward
+    under the interpreter) for one head size and dtype.
 
     fp32 runs exact (non-tensor-core) products, which hold their tiles in registers: its tiles are
     the largest that compile for sm_80 and sm_90 without spilling.
@@ -230,6 +236,37 @@ def tile_config(head_dim: int, dtype: torch.dtype) -> dict:
     if head_dim == 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def forward_candidates(head_dim: int, dtype: torch.dtype) -> list[dict]:
+    """The forward configs autotuned on a GPU (keyed on Lq, Lk and D); all compile without spills."""
+    tiles = [tile_config(head_dim, dtype)]
+    if dtype != torch.float32:
+        tiles += [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+                  dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)]
+        if head_dim <= 64:
+            tiles.append(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
+    unique = {tuple(sorted(t.items())): t for t in tiles}
+    return list(unique.values())
+
+
+def _prune_forward_configs(configs, named_args, **kwargs):
+    allowed = forward_candidates(kwargs["HEAD_DIM"], _TORCH_DTYPES[str(named_args["Q"].dtype)])
+    keep = [c for c in configs if dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) in allowed]
+    return keep or configs[:1]
+
+
+_TORCH_DTYPES = {"torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_forward():
+    candidates = {tuple(sorted(t.items())): t for d in (16, 32, 64, 128)
+                  for dtype in _TORCH_DTYPES.values() for t in forward_candidates(d, dtype)}
+    configs = [triton.Config(dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"]), num_warps=t["num_warps"],
+                             num_stages=t["num_stages"]) for t in candidates.values()]
+    return triton.autotune(configs, key=["Lq", "Lk", "HEAD_DIM"],
+                           prune_configs_by=dict(early_config_prune=_prune_forward_configs))(attention_forward_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -255,14 +292,20 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end:
     start, end, range_stride = _ranges(kv_start, kv_end, q)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, lq, device=q.device, dtype=torch.float32)
-    config = tile_config(head_dim, q.dtype)
-    grid = (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)
-    with launch_device(q):
-        attention_forward_kernel[grid](
-            q, k, v, out, lse, start, end,
+    args = (q, k, v, out, lse, start, end,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), range_stride,
-            heads, lq, lk, scale * LOG2E, HEAD_DIM=head_dim, PRECISION=_precision(q.dtype), **config)
+            heads, lq, lk, scale * LOG2E)
+    with launch_device(q):
+        if q.is_cuda:
+            def grid(meta):
+                return triton.cdiv(lq, meta["BLOCK_M"]), batch * heads
+
+            _autotuned_forward()[grid](*args, HEAD_DIM=head_dim, PRECISION=_precision(q.dtype))
+        else:
+            config = tile_config(head_dim, q.dtype)
+            grid = (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)
+            attention_forward_kernel[grid](*args, HEAD_DIM=head_dim, PRECISION=_precision(q.dtype), **config)
     return out, lse
 
 
@@ -316,13 +359,15 @@ _TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 
 
 def launch_configs() -> list[dict]:
-    """Every variant the launchers compile on a GPU, for ahead-of-time compile tests."""
+    """Every variant the launchers compile on a GPU (all forward autotune candidates included)."""
     configs = []
     for head_dim in (16, 32, 64, 128):
         for dtype, pointer in _POINTER_TYPES.items():
-            tiles = tile_config(head_dim, dtype)
-            for kernel in (attention_forward_kernel, attention_backward_delta_kernel,
-                           attention_backward_dkdv_kernel, attention_backward_dq_kernel):
+            backward = tile_config(head_dim, dtype)
+            variants = [(attention_forward_kernel, tiles) for tiles in forward_candidates(head_dim, dtype)]
+            variants += [(kernel, backward) for kernel in (attention_backward_delta_kernel,
+                                                          attention_backward_dkdv_kernel, attention_backward_dq_kernel)]
+            for kernel, tiles in variants:
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles["BLOCK_M"])
                 if kernel is not attention_backward_delta_kernel:
                     constexprs.update(BLOCK_N=tiles["BLOCK_N"], PRECISION=_precision(dtype))

@@ -156,7 +156,7 @@ def official_state_dict(model: KAT) -> dict:
     return {k: sd[k].clone() for k in keys}
 
 
-@pytest.mark.parametrize("wrapper", ["pth-model", "pth-state_dict-ddp", "safetensors"])
+@pytest.mark.parametrize("wrapper", ["pth-model", "pth-state_dict-ddp", "pth-ema", "safetensors"])
 def test_official_checkpoint_round_trip(tmp_path, wrapper):
     torch.manual_seed(0)
     source = timm.create_model("kat_tiny_patch16_224", depth=3).eval()
@@ -171,6 +171,9 @@ def test_official_checkpoint_round_trip(tmp_path, wrapper):
     elif wrapper == "pth-model":
         path = tmp_path / "kat_tiny.pth"
         torch.save({"model": state, "epoch": 299}, path)
+    elif wrapper == "pth-ema":  # a training checkpoint: the EMA weights are the ones to evaluate
+        path = tmp_path / "kat_tiny.pth"
+        torch.save({"state_dict": {k: v + 1 for k, v in state.items()}, "state_dict_ema": state}, path)
     else:
         path = tmp_path / "kat_tiny.pth"
         torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)

@@ -82,17 +82,15 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
 
 
 def _check_ranges(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> None:
-    """Value checks (they read the ranges, so they run outside tracing)."""
-    if kv_start.numel() == 0:
+    """Value checks (they read the ranges, so they run outside tracing); one reduction when valid."""
+    bad = (kv_start < 0) | (kv_end > num_keys) | (kv_start > kv_end)
+    if not bad.any():
         return
-    low, high = int(kv_start.min()), int(kv_end.max())
-    if low < 0 or high > num_keys or int(kv_end.min()) < 0 or int(kv_start.max()) > num_keys:
-        raise ValueError(f"block_sparse_attention: ranges span [{low}, {high}), outside [0, {num_keys}]")
-    bad = torch.nonzero(kv_start > kv_end)
-    if bad.numel():
-        index = tuple(bad[0].tolist())
-        raise ValueError(f"block_sparse_attention: kv_start[{index}]={int(kv_start[index])} > "
-                         f"kv_end[{index}]={int(kv_end[index])}")
+    index = tuple(torch.nonzero(bad)[0].tolist())
+    first, last = int(kv_start[index]), int(kv_end[index])
+    if first > last:
+        raise ValueError(f"block_sparse_attention: kv_start[{index}]={first} > kv_end[{index}]={last}")
+    raise ValueError(f"block_sparse_attention: range [{first}, {last}) of query {index} is outside [0, {num_keys}]")
 
 
 # --- the op ------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _inputs(lq=8, lk=8, d=16, dtype=torch.float32):
 
 @pytest.mark.parametrize("case,error,message", [
     (lambda: (*_inputs(), torch.zeros(8, dtype=torch.int32), torch.full((8,), 9, dtype=torch.int32)),
-     ValueError, r"outside \[0, 8\]"),
+     ValueError, r"range \[0, 9\) of query \(0,\) is outside \[0, 8\]"),
     (lambda: (*_inputs(), torch.full((8,), 4, dtype=torch.int32), torch.full((8,), 2, dtype=torch.int32)),
      ValueError, r"kv_start\[\(0,\)\]=4 > kv_end\[\(0,\)\]=2"),
     (lambda: (*_inputs(d=24), *causal_ranges(8)), ValueError, "D=24"),

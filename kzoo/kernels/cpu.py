@@ -1,7 +1,5 @@
 """Fast CPU paths, tested against ``reference.py``.
 
-Block-sparse attention runs one dense attention per run of queries that share a key range.
-
 The group-rational op is the reference definition compiled by Inductor, which fuses the Horner
 chains (and, in the backward, the coefficient reductions) into one vectorised loop. It is called on
 the op's (rows, groups, span) view, so the coefficients are per-group scalars in the inner loop:
@@ -9,6 +7,9 @@ with dynamic shapes, Inductor's loop over the channel-last (tokens, C) layout is
 
 Shapes are compiled dynamic and the numerator is always passed as (G, 6), so one graph per dtype
 serves every layer; past dynamo's recompile limit the eager reference runs, still correct.
+
+Block-sparse attention runs one fused SDPA per run of queries that share a key range, so no
+Lq x Lk mask is built for scale layouts.
 """
 from __future__ import annotations
 

@@ -49,11 +49,14 @@ def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, start
 
 
 @triton.jit
-def _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N: tl.constexpr):
-    """Key tiles a query tile visits: [lo, hi), of which [unmasked_lo, unmasked_hi) every row sees whole.
-
-    lo is aligned to BLOCK_N; a tile with no keys at all gets an empty range.
-    """
+def _query_tile(START, END, range_stride, b, pid_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A query tile's rows and ranges, and the key tiles it visits: [lo, hi), of which
+    [unmasked_lo, unmasked_hi) every row sees whole. lo is aligned to BLOCK_N; a tile whose rows
+    have no keys gets an empty range."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Lq
+    start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
+    end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
     has_keys = start < end
     lo = (tl.min(tl.where(has_keys, start, Lk)) // BLOCK_N) * BLOCK_N
     hi = tl.max(tl.where(has_keys, end, 0))
@@ -63,7 +66,7 @@ def _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N: tl.constexpr):
     has_unmasked = every_row_has_keys & (unmasked_lo < unmasked_hi)
     unmasked_lo = tl.where(has_unmasked, unmasked_lo, hi)
     unmasked_hi = tl.where(has_unmasked, unmasked_hi, hi)
-    return lo, hi, unmasked_lo, unmasked_hi
+    return offs_m, row_ok, start, end, lo, hi, unmasked_lo, unmasked_hi
 
 
 @triton.jit
@@ -74,16 +77,12 @@ def attention_forward_kernel(
     H, Lq, Lk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, start, end, lo, hi, unmasked_lo, unmasked_hi = _query_tile(
+        START, END, range_stride, b, tl.program_id(0), Lq, Lk, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Lq
-    start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
-    end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
-    lo, hi, unmasked_lo, unmasked_hi = _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N)
 
     q_base = Q + b * stride_qb + h * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -187,16 +186,12 @@ def attention_backward_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one query tile, over the key tiles its rows can see."""
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, start, end, lo, hi, _, _ = _query_tile(
+        START, END, range_stride, b, tl.program_id(0), Lq, Lk, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Lq
-    start = tl.load(START + b * range_stride + offs_m, mask=row_ok, other=0)
-    end = tl.load(END + b * range_stride + offs_m, mask=row_ok, other=0)
-    lo, hi, _, _ = _key_tile_bounds(start, end, row_ok, Lk, BLOCK_N)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     rows = bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]

@@ -1,6 +1,6 @@
 """``kzoo bench attention``: block-sparse attention on HMAR (markov) and VAR (block_causal) layouts.
 
-Compared side by side in one run, on the same q, k, v:
+Compared side by side in one run, on the same q, k, v (on CPU the methods' steps alternate):
 * ``kzoo``: the op on its default path (Triton on GPU, per-run dense attention on CPU);
 * ``sdpa_masked``: ``scaled_dot_product_attention`` with the dense boolean mask (what VAR trains with);
 * ``sdpa_dense``: SDPA without a mask, the work of the full sequence (FlashAttention on GPU);
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kzoo.kernels import block_sparse_attention, reference, scale_ranges
 
-from .common import bar_chart, device_name, environment, median_ms, write_results
+from .common import bar_chart, device_name, environment, interleaved_median_ms, median_ms, write_results
 
 SCHEDULES = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -52,6 +52,26 @@ def _methods(start, end, length, device):
     return methods
 
 
+def _time_methods(methods: dict, q, k, v, grad_out, device: torch.device, repeats: int):
+    """Median forward and forward+backward ms per method: do_bench on GPU; on CPU the methods'
+    steps alternate, so that the machine's drift hits every method alike."""
+    def forward_step(fn):
+        def step():
+            with torch.no_grad():
+                fn(q, k, v)
+        return step
+
+    def both_step(fn):
+        return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+    if device.type == "cuda":
+        return ({n: median_ms(forward_step(fn), device, repeats) for n, fn in methods.items()},
+                {n: median_ms(both_step(fn), device, repeats) for n, fn in methods.items()})
+    forward = interleaved_median_ms({n: forward_step(fn) for n, fn in methods.items()}, device, 2, repeats)
+    both = interleaved_median_ms({n: both_step(fn) for n, fn in methods.items()}, device, 2, repeats)
+    return forward, both
+
+
 def run(device: torch.device, resolutions=None, depths=None, batch: int | None = None, repeats: int = 5,
         out_dir: Path = Path("bench/results")) -> dict:
     on_gpu = device.type == "cuda"
@@ -72,21 +92,15 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
                            for _ in range(3))
                 grad_out = torch.randn_like(q)
                 flops = 4 * batch * heads * HEAD_DIM * pairs
+                forward, both = _time_methods(methods, q, k, v, grad_out, device, repeats)
                 timings = {}
-                for name, fn in methods.items():
+                for name in methods:
                     work = flops if name != "sdpa_dense" else 4 * batch * heads * HEAD_DIM * length * length
-                    with torch.no_grad():
-                        forward = median_ms(lambda: fn(q, k, v), device, repeats)
-
-                    def step():
-                        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
-
-                    both = median_ms(step, device, repeats)
                     timings[name] = dict(
-                        forward_ms=forward, forward_backward_ms=both,
-                        forward_TFLOPs_allowed=flops / forward / 1e9,
-                        forward_backward_TFLOPs_allowed=3.5 * flops / both / 1e9,
-                        forward_TFLOPs_executed=work / forward / 1e9)
+                        forward_ms=forward[name], forward_backward_ms=both[name],
+                        forward_TFLOPs_allowed=flops / forward[name] / 1e9,
+                        forward_backward_TFLOPs_allowed=3.5 * flops / both[name] / 1e9,
+                        forward_TFLOPs_executed=work / forward[name] / 1e9)
                 for name, t in timings.items():
                     t["forward_speedup_vs_sdpa_masked"] = timings["sdpa_masked"]["forward_ms"] / t["forward_ms"]
                     t["forward_backward_speedup_vs_sdpa_masked"] = (

@@ -35,6 +35,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return 1e3 * statistics.median(times)
 
 
+def interleaved_median_ms(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median step time of each callable, timed in alternation so that drift hits all of them alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def environment(device: torch.device) -> dict:
     info = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 device=device_name(device), threads=torch.get_num_threads())

@@ -7,8 +7,6 @@ timed in alternation in one process, so their ratio is a side-by-side measuremen
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from pathlib import Path
 
 import timm
@@ -17,29 +15,11 @@ import torch
 
 import kzoo  # noqa: F401  (registers the KAT models)
 
-from .common import bar_chart, device_name, environment, write_results
+from .common import bar_chart, device_name, environment, interleaved_median_ms, write_results
 
 PAIRS = {"tiny": ("kat_tiny_patch16_224", "deit_tiny_patch16_224"),
          "small": ("kat_small_patch16_224", "deit_small_patch16_224"),
          "base": ("kat_base_patch16_224", "deit_base_patch16_224")}
-
-
-def _interleaved_median_ms(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median step time of each callable, timed in alternation so that drift hits all of them alike."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def _steps(name: str, device: torch.device, batch: int, amp_dtype):
@@ -73,8 +53,8 @@ def _steps(name: str, device: torch.device, batch: int, amp_dtype):
 def measure_pair(names: tuple[str, str], device: torch.device, batch: int, warmup: int, iters: int,
                  amp_dtype) -> list[dict]:
     built = {name: _steps(name, device, batch, amp_dtype) for name in names}
-    infer = _interleaved_median_ms({n: b[1] for n, b in built.items()}, device, warmup, iters)
-    train = _interleaved_median_ms({n: b[2] for n, b in built.items()}, device, warmup, iters)
+    infer = interleaved_median_ms({n: b[1] for n, b in built.items()}, device, warmup, iters)
+    train = interleaved_median_ms({n: b[2] for n, b in built.items()}, device, warmup, iters)
     return [dict(model=name, param_count=sum(p.numel() for p in built[name][0].parameters()), batch_size=batch,
                  img_size=224, infer_step_time_ms=infer[name], infer_samples_per_sec=batch / infer[name] * 1e3,
                  train_step_time_ms=train[name], train_samples_per_sec=batch / train[name] * 1e3)

@@ -69,13 +69,13 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
         mask = mask[:, None] if mask.ndim == 3 else mask
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # SDPA gives NaN for empty rows
-    out = q.new_empty(q.shape)
+    parts: dict[int, Tensor] = {}  # query-run start -> its output rows
     by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for a, b, c, d in runs:
         if d > c:
             by_shape.setdefault((b - a, d - c), []).append((a, b, c, d))
         else:
-            out[..., a:b, :] = 0
+            parts[a] = q.new_zeros(*q.shape[:2], b - a, q.shape[3])
     for group in by_shape.values():
         # Runs of one shape are stacked along the batch dim: SDPA's fused CPU kernel takes 4-D input
         # only (5-D input falls back to the unfused math path, twice as slow).
@@ -83,9 +83,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
         ks = _concat_rows(k, [(c, d) for _, _, c, d in group])
         vs = _concat_rows(v, [(c, d) for _, _, c, d in group])
         result = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-        for (a, b, _, _), part in zip(group, result.split(q.shape[0])):
-            out[..., a:b, :] = part
-    return out
+        parts.update(zip((a for a, _, _, _ in group), result.split(q.shape[0])))
+    # The runs partition the queries in order, so one concatenation assembles the output.
+    return torch.cat([parts[a] for a, _, _, _ in runs], dim=2)
 
 
 def _concat_rows(t: Tensor, spans: list[tuple[int, int]]) -> Tensor:

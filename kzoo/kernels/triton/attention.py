@@ -246,18 +246,15 @@ def forward_candidates(head_dim: int, dtype: torch.dtype) -> list[dict]:
 
 
 def _prune_forward_configs(configs, named_args, **kwargs):
-    allowed = forward_candidates(kwargs["HEAD_DIM"], _TORCH_DTYPES[str(named_args["Q"].dtype)])
+    allowed = forward_candidates(kwargs["HEAD_DIM"], named_args["Q"].dtype)
     keep = [c for c in configs if dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) in allowed]
     return keep or configs[:1]
-
-
-_TORCH_DTYPES = {"torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32}
 
 
 @functools.lru_cache(maxsize=None)
 def _autotuned_forward():
     candidates = {tuple(sorted(t.items())): t for d in (16, 32, 64, 128)
-                  for dtype in _TORCH_DTYPES.values() for t in forward_candidates(d, dtype)}
+                  for dtype in _POINTER_TYPES for t in forward_candidates(d, dtype)}
     configs = [triton.Config(dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"]), num_warps=t["num_warps"],
                              num_stages=t["num_stages"]) for t in candidates.values()]
     return triton.autotune(configs, key=["Lq", "Lk", "HEAD_DIM"],
@@ -273,7 +270,7 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _ranges(kv_start: Tensor, kv_end: Tensor, q: Tensor) -> tuple[Tensor, Tensor, int]:
+def _ranges(kv_start: Tensor, kv_end: Tensor) -> tuple[Tensor, Tensor, int]:
     """Ranges as contiguous int32 with a batch stride: 0 when shared by the batch."""
     return kv_start.contiguous(), kv_end.contiguous(), (kv_start.shape[-1] if kv_start.ndim == 2 else 0)
 
@@ -284,7 +281,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
-    start, end, range_stride = _ranges(kv_start, kv_end, q)
+    start, end, range_stride = _ranges(kv_start, kv_end)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, lq, device=q.device, dtype=torch.float32)
     args = (q, k, v, out, lse, start, end,
@@ -323,7 +320,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     grad_out, out = grad_out.contiguous(), out.contiguous()
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
-    start, end, range_stride = _ranges(kv_start, kv_end, q)
+    start, end, range_stride = _ranges(kv_start, kv_end)
     config = tile_config(head_dim, q.dtype)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     precision = _precision(q.dtype)

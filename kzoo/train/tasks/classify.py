@@ -1,0 +1,258 @@
+"""Image classification (KAT, or any timm model) on an ImageFolder tree: the task and ``kzoo validate``.
+
+Data, augmentation, mixup and losses are timm's own (``create_dataset``, ``create_transform``,
+``Mixup``, ``SoftTargetCrossEntropy``), configured with timm train.py's flag names.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
+from torch import nn
+from tqdm import tqdm
+
+from kzoo.data.folder import image_folder
+from kzoo.train import checkpoint
+from kzoo.train.task import Task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--data-dir", default=None, help="ImageFolder root holding <train-split>/ and <val-split>/")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--val-split", default="val", help="'' for no validation")
+    data.add_argument("--model", default="kat_tiny_swish_patch16_224", help="timm model name")
+    data.add_argument("--pretrained-path", default=None, help="local weights to start from (.pth/.safetensors)")
+    data.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
+    data.add_argument("--img-size", type=int, default=None)
+    data.add_argument("--in-chans", type=int, default=None, help="1 reads images as grayscale")
+    data.add_argument("--model-kwargs", type=json.loads, default={},
+                      help='extra model arguments as JSON, e.g. \'{"patch_size": 4, "depth": 6}\'')
+    data.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    data.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    data.add_argument("--mean", type=float, nargs="+", default=None)
+    data.add_argument("--std", type=float, nargs="+", default=None)
+    data.add_argument("--crop-pct", type=float, default=None)
+    data.add_argument("--interpolation", default="", help="eval resize interpolation (default: the model's)")
+
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    aug.add_argument("--mixup-prob", type=float, default=1.0)
+    aug.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    aug.add_argument("--mixup-mode", default="batch")
+    aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    aug.add_argument("--aa", default=None, help="RandAugment/AutoAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    aug.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    aug.add_argument("--remode", default="pixel")
+    aug.add_argument("--recount", type=int, default=1)
+    aug.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
+    aug.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], help="random-resized-crop aspect range")
+    aug.add_argument("--hflip", type=float, default=0.5)
+    aug.add_argument("--vflip", type=float, default=0.0)
+    aug.add_argument("--color-jitter", type=float, default=0.4, help="0 turns it off")
+    aug.add_argument("--train-interpolation", default="random")
+
+
+def _model_kwargs(model_name: str, num_classes: int | None, in_chans: int | None, img_size: int | None,
+                  extra: dict) -> dict:
+    kwargs = dict(extra)
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans), ("img_size", img_size)):
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def _data_config(model_name: str, values: dict) -> dict:
+    """timm's resolved preprocessing (input size, mean, std, crop, interpolation) before the model exists."""
+    cfg = get_pretrained_cfg(model_name)
+    return resolve_data_config({k: v for k, v in values.items() if v not in (None, "")},
+                               pretrained_cfg=cfg.to_dict() if cfg else {})
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r} (see timm.list_models('kat*'))")
+
+
+class ClassifyTask(Task):
+    eval_metric, higher_is_better = "top1", True
+
+    def __init__(self, args: argparse.Namespace):
+        if not args.data_dir:
+            raise ValueError("--data-dir is required (an ImageFolder root with train/ and val/)")
+        _check_model_name(args.model)
+        self.args = args
+        self.num_classes = args.num_classes
+        self.data_config = _data_config(args.model, dict(
+            in_chans=args.in_chans, img_size=args.img_size, mean=args.mean, std=args.std,
+            crop_pct=args.crop_pct, interpolation=args.interpolation))
+        self.img_mode = "L" if self.data_config["input_size"][0] == 1 else "RGB"
+        mixing = args.mixup > 0 or args.cutmix > 0
+        if mixing and args.batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even batch size, got -b {args.batch_size}")
+        self.mixup = None
+        self.train_criterion: nn.Module = (SoftTargetCrossEntropy() if mixing else
+                                           LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing
+                                           else nn.CrossEntropyLoss())
+
+    def train_dataset(self):
+        a, dc = self.args, self.data_config
+        transform = create_transform(
+            dc["input_size"], is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+            vflip=a.vflip, color_jitter=a.color_jitter or None, auto_augment=a.aa,
+            interpolation=a.train_interpolation, mean=dc["mean"], std=dc["std"],
+            re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
+        dataset = image_folder(a.data_dir, a.train_split, transform=transform, input_img_mode=self.img_mode)
+        found = len(dataset.dataset.reader.class_to_idx)
+        if self.num_classes is None:
+            self.num_classes = found
+        elif self.num_classes < found:
+            raise ValueError(f"{Path(a.data_dir) / a.train_split}: {found} classes, but --num-classes {self.num_classes}")
+        if a.mixup > 0 or a.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
+                               switch_prob=a.mixup_switch_prob, mode=a.mixup_mode,
+                               label_smoothing=a.smoothing, num_classes=self.num_classes)
+        return dataset
+
+    def val_dataset(self):
+        if not self.args.val_split:
+            return None
+        return image_folder(self.args.data_dir, self.args.val_split, transform=eval_transform(self.data_config),
+                            input_img_mode=self.img_mode)
+
+    def model_config(self) -> dict:
+        a = self.args
+        return dict(model=a.model, data_config=self.data_config,
+                    **_model_kwargs(a.model, self.num_classes, self.data_config["input_size"][0],
+                                    a.img_size, a.model_kwargs))
+
+    def build_model(self) -> nn.Module:
+        a = self.args
+        config = self.model_config()
+        kwargs = {k: v for k, v in config.items() if k not in ("model", "data_config")}
+        kwargs.update(drop_rate=a.drop, **({"drop_path_rate": a.drop_path} if a.drop_path is not None else {}))
+        if a.pretrained_path:
+            if not Path(a.pretrained_path).is_file():
+                raise FileNotFoundError(f"{a.pretrained_path}: no such weights file")
+            return timm.create_model(a.model, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(a.pretrained_path)), **kwargs)
+        return timm.create_model(a.model, **kwargs)
+
+    def train_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        return self.train_criterion(model(images), targets)
+
+    def eval_sums(self, model: nn.Module, batch) -> dict[str, float]:
+        return classification_sums(model(batch[0]), batch[1])
+
+
+def classification_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Summed cross-entropy and top-1/top-5 hits (in percent units) of one batch."""
+    logits = logits.float()
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    hits = top == targets[:, None]
+    return {"loss": F.cross_entropy(logits, targets, reduction="sum").item(),
+            "top1": 100.0 * hits[:, 0].sum().item(), "top5": 100.0 * hits.any(dim=-1).sum().item(),
+            "count": float(targets.numel())}
+
+
+def eval_transform(data_config: dict):
+    return create_transform(data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
+                            mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+                            crop_mode=data_config.get("crop_mode", "center"))
+
+
+# --- kzoo validate ---------------------------------------------------------------------------------
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, help="ImageFolder root")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--model", default=None, help="timm model name (default: the checkpoint's)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a kzoo checkpoint folder or .safetensors, or other weights (.pth) for --model")
+    parser.add_argument("--use-ema", action="store_true", help="the checkpoint's EMA weights")
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--in-chans", type=int, default=None)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--crop-pct", type=float, default=None)
+    parser.add_argument("--interpolation", default="")
+    parser.add_argument("-b", "--batch-size", type=int, default=256)
+    parser.add_argument("-j", "--workers", type=int, default=4)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--results-file", default="", help="append the CSV row here (header when new)")
+
+
+def _load_for_validation(args: argparse.Namespace) -> tuple[str, nn.Module, dict]:
+    path = Path(args.checkpoint)
+    kzoo_format = path.is_dir() or path.suffix == ".safetensors"
+    if kzoo_format:
+        weights, metadata = checkpoint.read_weights(path / checkpoint.EMA_FILE if args.use_ema and path.is_dir()
+                                                    else path)
+        if metadata.get("format") != "kzoo":
+            kzoo_format = False
+    if not kzoo_format:  # third-party weights (e.g. the official KAT .pth): timm's loader, weights only
+        if not args.model:
+            raise ValueError(f"{path}: not a kzoo checkpoint, so --model is required")
+        _check_model_name(args.model)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such weights file")
+        kwargs = _model_kwargs(args.model, args.num_classes, args.in_chans, args.img_size, {})
+        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        return args.model, model, _data_config(args.model, dict(
+            in_chans=args.in_chans, img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation))
+    config = json.loads(metadata["config"])
+    name = config.pop("model")
+    if args.model and args.model != name:
+        raise ValueError(f"{path}: a checkpoint of {name}, not of {args.model}")
+    data_config = config.pop("data_config")
+    data_config.update({k: v for k, v in (("crop_pct", args.crop_pct), ("interpolation", args.interpolation)) if v})
+    model = timm.create_model(name, **config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit {name} (missing {len(missing)} keys, e.g. {missing[:2]}; "
+                         f"unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
+    return name, model, data_config
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Top-1/top-5 of a checkpoint on an ImageFolder split; prints and appends timm validate.py's row."""
+    name, model, data_config = _load_for_validation(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    dataset = image_folder(args.data_dir, args.split, transform=eval_transform(data_config),
+                           input_img_mode="L" if data_config["input_size"][0] == 1 else "RGB")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc=f"validate {name}", leave=False):
+            for key, value in classification_sums(model(images.to(device)), targets.to(device)).items():
+                sums[key] = sums.get(key, 0.0) + value
+    top1, top5 = sums["top1"] / sums["count"], sums["top5"] / sums["count"]
+    row = dict(model=name, top1=round(top1, 3), top1_err=round(100 - top1, 3), top5=round(top5, 3),
+               top5_err=round(100 - top5, 3), param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+               img_size=data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
+               interpolation=data_config["interpolation"])
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(row))
+    writer.writeheader()
+    writer.writerow(row)
+    if args.results_file:
+        results = Path(args.results_file)
+        new = not results.exists() or results.stat().st_size == 0
+        with open(results, "a", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                out.writeheader()
+            out.writerow(row)
+    return 0

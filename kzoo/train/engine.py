@@ -173,6 +173,7 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
     # --- resume -----------------------------------------------------------------------------------
     step, epoch, update_in_epoch, bad_steps = 0, 0, 0, 0
     loss_sum, loss_count, best = 0.0, 0, None
+    wall_before = 0.0  # seconds trained by the processes this run was resumed from
     resume_from = config.resume
     if resume_from == "auto":
         resume_from = str(run_dir / "checkpoints" / "last") if (run_dir / "checkpoints" / "last").exists() else ""
@@ -194,6 +195,7 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
             ema.module.load_state_dict(saved.ema)
         step, epoch, update_in_epoch = state["step"], state["epoch"], state["update_in_epoch"]
         bad_steps, loss_sum, loss_count, best = state["bad_steps"], state["loss_sum"], state["loss_count"], state["best"]
+        wall_before = state["wall_s"]
         if state["world_size"] != context.world_size and context.is_main:
             print(f"{saved.path}: saved by {state['world_size']} ranks, resumed on {context.world_size}; "
                   "the data order from here differs from an uninterrupted run", file=sys.stderr)
@@ -216,6 +218,7 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
         if context.is_main:
             state = dict(step=step, epoch=epoch, update_in_epoch=update_in_epoch, bad_steps=bad_steps,
                          loss_sum=loss_sum, loss_count=loss_count, best=best, world_size=context.world_size,
+                         wall_s=wall_s(),
                          optimizer=optimizer_state,
                          scheduler=scheduler.state_dict() if scheduler is not None else None,
                          scaler=scaler.state_dict() if scaler is not None else None)
@@ -223,6 +226,11 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
             writer.commit(step, model_state, ema.module.state_dict() if ema is not None else None,
                           state, metadata, is_best)
         distributed.barrier(context)
+
+    started = time.perf_counter()
+
+    def wall_s() -> float:
+        return wall_before + time.perf_counter() - started
 
     def learning_rate() -> float:
         return optimizer.param_groups[0]["lr"]
@@ -331,7 +339,7 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
                 scheduler.step(epoch)
             if context.is_main:
                 records.add_summary(row)
-                records.add_log(dict(step=step, **row))
+                records.add_log(dict(step=step, **row, wall_s=round(wall_s(), 1)))
                 records.plot()
                 task.sample(ema.module if ema is not None else model, run_dir, row["epoch"])
                 print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),

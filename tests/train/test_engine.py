@@ -108,11 +108,21 @@ def test_sigterm_saves_and_resume_continues_exactly_with_dropout_and_ema(tmp_pat
     assert (tmp_path / "whole" / "summary.csv").read_text() == (tmp_path / "cut" / "summary.csv").read_text()
 
 
-def test_bfloat16_autocast_and_clipping_train(tmp_path):
-    assert train(Regression(), config(tmp_path, amp=True, amp_dtype="bfloat16", clip_grad=0.5, epochs=1)) == 0
+@pytest.mark.parametrize("amp_dtype", ["bfloat16", "float16"])
+def test_autocast_and_clipping_train(tmp_path, amp_dtype):
+    assert train(Regression(), config(tmp_path, amp=True, amp_dtype=amp_dtype, clip_grad=0.5, epochs=1)) == 0
+    scaler = checkpoint.load(tmp_path / "checkpoints" / "last").state["scaler"]
+    assert (scaler is not None) == (amp_dtype == "float16")  # a gradient scaler only for float16
     grad_norms = [json.loads(line)["grad_norm"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
                   if "grad_norm" in line]
     assert grad_norms and all(n > 0 for n in grad_norms)
+
+
+def test_torchcompile_trains_to_the_same_weights(tmp_path):
+    train(Regression(), config(tmp_path / "eager", epochs=1))
+    train(Regression(), config(tmp_path / "compiled", epochs=1, torchcompile=True))
+    eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-5
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):

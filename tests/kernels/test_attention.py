@@ -27,6 +27,11 @@ def layout(name, generator):
     if name == "equal_blocks":  # several runs of one shape: batched together on the CPU path
         start, end = scale_ranges((2, 2, 2, 3, 1), "markov")
         return 22, 22, start, end
+    if name == "mixed_runs":  # short runs (packed together on the CPU path, some empty) between long ones
+        runs = [(3, 0, 0), (5, 0, 5), (200, 5, 300), (7, 9, 9), (2, 290, 300), (150, 0, 150), (3, 100, 140)]
+        start = torch.cat([torch.full((n,), a) for n, a, _ in runs]).int()
+        end = torch.cat([torch.full((n,), b) for n, _, b in runs]).int()
+        return 370, 300, start, end
     if name == "causal":
         return 70, 70, *causal_ranges(70)
     if name == "window":
@@ -134,7 +139,7 @@ def test_triton_matches_reference(name, head_dim, dtype, poison):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [16, 64])
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", LAYOUTS + ["mixed_runs"])
 def test_cpu_path_matches_reference(name, head_dim, dtype, poison):
     with use_backend("auto"):
         check_against_reference(name, head_dim, dtype, "cpu", seed=head_dim + len(name))

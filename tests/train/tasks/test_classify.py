@@ -144,6 +144,15 @@ def test_validate_reproduces_the_runs_own_evaluation(data, reference_run, tmp_pa
     assert row["img_size"] == "32" and "top1,top1_err" in capsys.readouterr().out
 
 
+def test_pretrained_path_starts_from_those_weights(data, reference_run, tmp_path):
+    start = reference_run / "checkpoints" / "last" / checkpoint.MODEL_FILE
+    status = main(["train", "classify", "--data-dir", str(data), *TINY_KAT, "--pretrained-path", str(start),
+                   "-b", "4", "--epochs", "1", "--lr", "0", "--warmup-epochs", "0", "--workers", "0",
+                   "--output", str(tmp_path / "run")])
+    assert status == 0
+    assert max_difference(checkpoint.read_weights(start)[0], weights(tmp_path / "run")) == 0.0
+
+
 def test_validate_refuses_a_checkpoint_of_another_model(data, reference_run, capsys):
     status = main(["validate", "--data-dir", str(data), "--model", "vit_tiny_patch16_224",
                    "--checkpoint", str(reference_run / "checkpoints" / "last")])

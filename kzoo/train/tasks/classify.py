@@ -142,10 +142,11 @@ class ClassifyTask(Task):
         kwargs = {k: v for k, v in config.items() if k not in ("model", "data_config")}
         kwargs.update(drop_rate=a.drop, **({"drop_path_rate": a.drop_path} if a.drop_path is not None else {}))
         if a.pretrained_path:
-            if not Path(a.pretrained_path).is_file():
-                raise FileNotFoundError(f"{a.pretrained_path}: no such weights file")
-            return timm.create_model(a.model, pretrained=True,
-                                     pretrained_cfg_overlay=dict(file=str(a.pretrained_path)), **kwargs)
+            overlay = dict(file=str(a.pretrained_path))
+            classes = _classes_in(a.pretrained_path, a.model)
+            if classes is not None:
+                overlay["num_classes"] = classes
+            return timm.create_model(a.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         return timm.create_model(a.model, **kwargs)
 
     def train_loss(self, model: nn.Module, batch) -> torch.Tensor:
@@ -156,6 +157,20 @@ class ClassifyTask(Task):
 
     def eval_sums(self, model: nn.Module, batch) -> dict[str, float]:
         return classification_sums(model(batch[0]), batch[1])
+
+
+def _classes_in(path: str | Path, model_name: str) -> int | None:
+    """Rows of the classifier in a weights file, so timm keeps that head when they match
+    --num-classes (fine-tuning on the same classes) and drops it otherwise."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        state_dict = timm.models.load_state_dict(str(path))  # weights_only loading
+    except Exception as error:  # corrupt or non-tensor files raise many types
+        raise ValueError(f"{path}: unreadable weights file ({type(error).__name__})") from None
+    cfg = get_pretrained_cfg(model_name)
+    head = state_dict.get(f"{cfg.classifier}.weight") if cfg and isinstance(cfg.classifier, str) else None
+    return None if head is None else head.shape[0]
 
 
 def classification_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -151,6 +151,15 @@ def test_pretrained_path_starts_from_those_weights(data, reference_run, tmp_path
                    "--output", str(tmp_path / "run")])
     assert status == 0
     assert max_difference(checkpoint.read_weights(start)[0], weights(tmp_path / "run")) == 0.0
+    # more classes than the checkpoint's head: the trunk is loaded, the head starts fresh
+    status = main(["train", "classify", "--data-dir", str(data), *TINY_KAT, "--pretrained-path", str(start),
+                   "--num-classes", "6", "-b", "4", "--epochs", "1", "--lr", "0", "--warmup-epochs", "0",
+                   "--workers", "0", "--output", str(tmp_path / "six")])
+    assert status == 0
+    loaded, trunk = weights(tmp_path / "six"), checkpoint.read_weights(start)[0]
+    assert loaded["head.weight"].shape[0] == 6
+    assert max_difference({k: v for k, v in loaded.items() if not k.startswith("head.")},
+                          {k: v for k, v in trunk.items() if not k.startswith("head.")}) == 0.0
 
 
 def test_validate_refuses_a_checkpoint_of_another_model(data, reference_run, capsys):

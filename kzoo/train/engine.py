@@ -59,6 +59,8 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -66,11 +68,19 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process: schedulers and Ctrl-C signal the
+    whole process group, and a worker that died of it would break the batch the save waits for."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(task: Task, dataset, sampler: ShardedBatchSampler, config: TrainConfig, device: torch.device):
     # The loader gets its own generator so that creating an iterator never draws from the global
     # torch stream that dropout and mixup use; the samples are seeded by the sampler anyway.
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=config.workers,
                       collate_fn=task.collate, pin_memory=device.type == "cuda",
+                      worker_init_fn=_ignore_stop_signals,
                       generator=torch.Generator().manual_seed(config.seed))
 
 

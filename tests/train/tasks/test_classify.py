@@ -75,11 +75,13 @@ def reference_run(data, tmp_path_factory) -> Path:
 
 
 def interrupt_after(command: list[str], ready: Path, sig: int) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Signal the run's whole process group (data workers included), as a cluster scheduler does."""
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 300
     while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    process.send_signal(sig)
+    os.killpg(process.pid, sig)
     out, err = process.communicate(timeout=300)
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
@@ -127,6 +129,15 @@ def test_run_outputs(reference_run):
     kept = sorted(p.name for p in (reference_run / "checkpoints").glob("step-*"))
     assert len(kept) <= 4 and kept[-1] == f"step-{EPOCHS * STEPS_PER_EPOCH:08d}"
     assert (reference_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # weight decay spares the rational coefficients, norms, biases and embeddings
+    decayed = {name for group in state["optimizer"]["param_groups"] if group["weight_decay"] > 0
+               for name in group["params"]}
+    spared = {name for group in state["optimizer"]["param_groups"] if group["weight_decay"] == 0
+              for name in group["params"]}
+    assert decayed and all(name.endswith(".weight") and "norm" not in name for name in decayed)
+    assert {"blocks.0.mlp.act2.weight_numerator", "blocks.1.mlp.act1.weight_denominator", "blocks.0.norm1.weight",
+            "blocks.0.mlp.fc1.bias", "cls_token", "pos_embed"} <= spared
+    assert "blocks.0.mlp.fc1.weight" in decayed
     line = json.loads((reference_run / "log.jsonl").read_text().splitlines()[0])
     assert set(line) == {"step", "epoch", "loss", "lr", "grad_norm", "samples_per_sec", "max_memory_mb"}
 

@@ -28,9 +28,18 @@ class RunRecords:
             kept = [row for row in rows if int(row["epoch"]) < epochs_done]
             self._rewrite_summary(kept, list(rows[0].keys()) if rows else [])
         if self.log.exists():
-            lines = [line for line in self.log.read_text().splitlines()
-                     if line.strip() and json.loads(line).get("step", 0) <= step]
-            atomic_write(self.log, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
+            kept = [json.dumps(entry) for entry in self.log_entries() if entry.get("step", 0) <= step]
+            atomic_write(self.log, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+
+    def log_entries(self) -> list[dict]:
+        """The parsed log lines; a line cut short by a kill mid-write is dropped."""
+        entries = []
+        for line in self.log.read_text().splitlines() if self.log.exists() else []:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
 
     def summary_rows(self) -> list[dict[str, str]]:
         if not self.summary.exists():
@@ -63,9 +72,7 @@ class RunRecords:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        entries = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()] \
-            if self.log.exists() else []
-        steps = [(e["step"], e["loss"]) for e in entries
+        steps = [(e["step"], e["loss"]) for e in self.log_entries()
                  if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
         rows = self.summary_rows()
         epochs = [int(r["epoch"]) for r in rows]

@@ -9,6 +9,8 @@ def test_truncate_drops_rows_and_lines_the_checkpoint_had_not_seen(tmp_path):
         for step in range(epoch * 10 + 1, epoch * 10 + 11):
             records.add_log({"step": step, "loss": 1.0 / step})
         records.add_summary({"epoch": epoch, "train_loss": 1.0, "eval_top1": 50.0 + epoch, "lr": 0.1})
+    with open(records.log, "a") as f:
+        f.write('{"step": 31, "lo')  # a line cut short by a kill
     records.truncate(epochs_done=2, step=25)
     assert [int(r["epoch"]) for r in records.summary_rows()] == [0, 1]
     steps = [json.loads(line)["step"] for line in records.log.read_text().splitlines()]

@@ -148,12 +148,11 @@ class CheckpointWriter:
     def staging(self, step: int) -> Path:
         return self.root / f".step-{step:08d}.partial"
 
-    def begin(self, step: int) -> Path:
+    def begin(self, step: int) -> None:
         """Main rank: a fresh staging folder that every rank then writes its files into."""
         staging = self.staging(step)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        return staging
 
     @staticmethod
     def write_rng(staging: Path, rank: int) -> None:

@@ -12,7 +12,7 @@ import resource
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -70,9 +70,24 @@ class _StopRequest:
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGINT to the main process: schedulers and Ctrl-C signal the
-    whole process group, and a worker that died of it would break the batch the save waits for."""
+    whole process group, and a worker that died of it would break the batch the save waits for.
+    Such workers must then always be shut down through their loader (``_batches``), because
+    multiprocessing's exit-time SIGTERM would not end them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _batches(loader: DataLoader):
+    """``iter(loader)`` that always ends with its workers shut down, however the loop is left: the
+    sampler stops handing out batches and the few already requested are drained."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        loader.batch_sampler.stop()
+        for _ in iterator:
+            pass
 
 
 def _loader(task: Task, dataset, sampler: ShardedBatchSampler, config: TrainConfig, device: torch.device):
@@ -101,15 +116,20 @@ def _max_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, loader, context: distributed.Context, autocast) -> dict[str, float]:
-    """Metric means over the whole evaluation set, summed exactly over batches and ranks."""
+def evaluate(eval_sums, model: torch.nn.Module, loader, context: distributed.Context, autocast=nullcontext,
+             desc: str = "eval") -> dict[str, float]:
+    """Metric means over a whole evaluation set: ``eval_sums(model, batch)`` (a Task's) summed exactly
+    over batches and ranks, then divided by the summed ``count``."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
-    for batch in loader:
-        with autocast():
-            for key, value in task.eval_sums(model, _to_device(batch, context.device)).items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+    stoppable = hasattr(loader.batch_sampler, "stop")
+    with (_batches(loader) if stoppable else nullcontext(iter(loader))) as batches:
+        for batch in tqdm(batches, total=len(loader), desc=desc, disable=not context.is_main, leave=False,
+                          dynamic_ncols=True):
+            with autocast():
+                for key, value in eval_sums(model, _to_device(batch, context.device)).items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
     model.train(was_training)
     keys = sorted(sums)
     totals = dict(zip(keys, distributed.all_sum(context, [sums[k] for k in keys])))
@@ -252,93 +272,99 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
 
     # --- train ------------------------------------------------------------------------------------
     sync_free = getattr(wrapped, "no_sync", None)
+
+    def train_step(batches, stop: _StopRequest) -> tuple[float, float, bool, bool]:
+        """One optimizer step over --grad-accum-steps micro-batches, agreed on by every rank:
+        (mean loss, gradient norm, skipped for a non-finite loss, stop requested)."""
+        micro_losses = []
+        for micro in range(config.grad_accum_steps):
+            batch = _to_device(next(batches), device)
+            last_micro = micro == config.grad_accum_steps - 1
+            with (sync_free() if sync_free and not last_micro else nullcontext()):
+                with autocast():
+                    loss = task.train_loss(wrapped, batch)
+                scaled = loss / config.grad_accum_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            micro_losses.append(loss.detach().float())
+        local_loss = torch.stack(micro_losses).mean().item()
+        finite = math.isfinite(local_loss)
+        total_loss, bad_ranks, stop_ranks = distributed.all_sum(
+            context, [local_loss if finite else 0.0, float(not finite), float(stop.signal is not None)])
+        if bad_ranks:
+            # Skip: no optimizer, scaler or EMA update, so none of their state sees the NaN.
+            optimizer.zero_grad(set_to_none=True)
+            return local_loss, float("nan"), True, bool(stop_ranks)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, step=step)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return total_loss / context.world_size, grad_norm, False, bool(stop_ranks)
+
     with _StopRequest() as stop:
         while epoch < num_epochs:
             wrapped.train()
             train_sampler.set_epoch(epoch, start_batch=update_in_epoch * config.grad_accum_steps)
-            batches = iter(train_loader)
             progress = tqdm(total=updates_per_epoch, initial=update_in_epoch, desc=f"epoch {epoch}",
                             disable=not context.is_main, dynamic_ncols=True, leave=False)
-            tic, samples_since_tic = time.perf_counter(), 0
-            while update_in_epoch < updates_per_epoch:
-                micro_losses = []
-                for micro in range(config.grad_accum_steps):
-                    batch = _to_device(next(batches), device)
-                    last_micro = micro == config.grad_accum_steps - 1
-                    with (sync_free() if sync_free and not last_micro else nullcontext()):
-                        with autocast():
-                            loss = task.train_loss(wrapped, batch)
-                        scaled = loss / config.grad_accum_steps
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    micro_losses.append(loss.detach().float())
-                    samples_since_tic += config.batch_size * context.world_size
-                local_loss = torch.stack(micro_losses).mean().item()
-                total_loss, bad_ranks, stop_ranks = distributed.all_sum(
-                    context, [local_loss if math.isfinite(local_loss) else 0.0,
-                              float(not math.isfinite(local_loss)), float(stop.signal is not None)])
-                step_loss = total_loss / context.world_size
-                grad_norm = float("nan")
-                if bad_ranks:
-                    # Skip: no optimizer, scaler or EMA update, so none of their state sees the NaN.
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_steps += 1
-                    if context.is_main:
-                        records.add_log(dict(step=step + 1, epoch=epoch, event="non-finite loss, step skipped",
-                                             loss=str(local_loss), consecutive=bad_steps))
-                        tqdm.write(f"step {step + 1}: non-finite loss ({local_loss}), skipped "
-                                   f"({bad_steps} in a row)", file=sys.stderr)
-                    if bad_steps >= config.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_steps} consecutive steps had a non-finite loss (--max-bad-steps "
-                            f"{config.max_bad_steps}); stopped at step {step + 1}. The last checkpoint in "
-                            f"{run_dir / 'checkpoints'} is from before them: lower --lr or enable --clip-grad")
-                else:
-                    bad_steps = 0
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
+            tic, samples = time.perf_counter(), 0
+            with _batches(train_loader) as batches:
+                while update_in_epoch < updates_per_epoch:
+                    step_loss, grad_norm, skipped, stop_requested = train_step(batches, stop)
+                    step, update_in_epoch = step + 1, update_in_epoch + 1
+                    samples += config.batch_size * context.world_size * config.grad_accum_steps
+                    if skipped:
+                        bad_steps += 1
+                        if context.is_main:
+                            records.add_log(dict(step=step, epoch=epoch, event="non-finite loss, step skipped",
+                                                 loss=str(step_loss), consecutive=bad_steps))
+                            tqdm.write(f"step {step}: non-finite loss ({step_loss}), skipped "
+                                       f"({bad_steps} in a row)", file=sys.stderr)
+                        if bad_steps >= config.max_bad_steps:
+                            raise TrainingStopped(
+                                f"{bad_steps} consecutive steps had a non-finite loss (--max-bad-steps "
+                                f"{config.max_bad_steps}); stopped at step {step}. The last checkpoint in "
+                                f"{run_dir / 'checkpoints'} is from before them: lower --lr or enable --clip-grad")
                     else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(model, step=step)
-                    loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
-                step, update_in_epoch = step + 1, update_in_epoch + 1
-                if scheduler is not None and config.sched_on_updates:
-                    scheduler.step_update(step)
+                        bad_steps = 0
+                        loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
+                    if scheduler is not None and config.sched_on_updates:
+                        scheduler.step_update(step)
 
-                if context.is_main:
-                    elapsed = time.perf_counter() - tic
-                    rate = samples_since_tic / elapsed if elapsed > 0 else 0.0
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate():.2e}",
-                                         samples_per_s=f"{rate:.0f}", refresh=False)
-                    if step % config.log_interval == 0 and not bad_ranks:
-                        records.add_log(dict(step=step, epoch=epoch, loss=step_loss, lr=learning_rate(),
-                                             grad_norm=grad_norm, samples_per_sec=rate,
-                                             max_memory_mb=_max_memory_mb(device)))
-                if stop_ranks:
-                    save()
-                    progress.close()
                     if context.is_main:
-                        print(f"stopped by signal {stop.signal or 'on another rank'}; saved step {step} to "
-                              f"{run_dir / 'checkpoints' / 'last'} (continue with --resume auto)", file=sys.stderr)
-                    return 0
-                if (config.save_every_steps and step % config.save_every_steps == 0
-                        and update_in_epoch < updates_per_epoch):
-                    save()
+                        rate = samples / max(time.perf_counter() - tic, 1e-9)
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate():.2e}",
+                                             samples_per_s=f"{rate:.0f}", refresh=False)
+                        if step % config.log_interval == 0 and not skipped:
+                            records.add_log(dict(step=step, epoch=epoch, loss=step_loss, lr=learning_rate(),
+                                                 grad_norm=grad_norm, samples_per_sec=rate,
+                                                 max_memory_mb=_max_memory_mb(device)))
+                    if stop_requested:
+                        save()
+                        progress.close()
+                        if context.is_main:
+                            print(f"stopped by signal {stop.signal or 'on another rank'}; saved step {step} to "
+                                  f"{run_dir / 'checkpoints' / 'last'} (continue with --resume auto)", file=sys.stderr)
+                        return 0
+                    if (config.save_every_steps and step % config.save_every_steps == 0
+                            and update_in_epoch < updates_per_epoch):
+                        save()
             progress.close()
 
             # --- end of epoch: evaluate, record, checkpoint ---------------------------------------
             row = {"epoch": epoch, "train_loss": loss_sum / max(loss_count, 1)}
             if val_loader is not None:
-                metrics = evaluate(task, wrapped if config.fsdp else model, val_loader, context, autocast)
+                metrics = evaluate(task.eval_sums, wrapped if config.fsdp else model, val_loader, context, autocast)
                 if ema is not None:  # as in timm, the EMA's metrics are the ones summarised
-                    metrics = evaluate(task, ema.module, val_loader, context, autocast)
+                    metrics = evaluate(task.eval_sums, ema.module, val_loader, context, autocast, desc="eval EMA")
                 row.update({f"eval_{k}": v for k, v in metrics.items()})
             row["lr"] = learning_rate()
             metric = row.get(f"eval_{task.eval_metric}", row["train_loss"])

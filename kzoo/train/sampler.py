@@ -33,10 +33,14 @@ class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last, self.pad = shuffle, drop_last, pad and not drop_last
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.stopped = 0, 0, False
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+
+    def stop(self) -> None:
+        """End the current pass early: no batch is handed out after this (the next pass starts anew)."""
+        self.stopped = True
 
     def _samples_per_rank(self) -> int:
         if self.drop_last:
@@ -50,6 +54,7 @@ class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self):
+        self.stopped = False
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = (torch.randperm(self.num_samples, generator=generator) if self.shuffle
                  else torch.arange(self.num_samples))
@@ -59,6 +64,8 @@ class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
             order = order.repeat(-(-total // max(self.num_samples, 1)))[:total]
         mine = order[self.rank::self.world_size][: self._samples_per_rank()].tolist()
         for batch in range(self.start_batch, len(self)):
+            if self.stopped:
+                return
             chunk = mine[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield [(index, int(seeds[index])) for index in chunk]
 

@@ -1,5 +1,6 @@
 """The loop on a tiny synthetic task, in-process: faults, accumulation, EMA, AMP, checkpoints."""
 import json
+import multiprocessing
 import os
 import signal
 
@@ -8,6 +9,8 @@ import torch
 from torch import nn
 
 from kzoo.train import Task, TrainConfig, TrainingStopped, checkpoint, train
+from kzoo.train.engine import _batches, _ignore_stop_signals
+from kzoo.train.sampler import SeededSamples, ShardedBatchSampler
 
 
 class Regression(Task):
@@ -139,3 +142,20 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
 def test_too_little_data_for_one_step(tmp_path):
     with pytest.raises(ValueError, match="make no full optimizer step"):
         train(Regression(samples=3), config(tmp_path))
+
+
+def test_leaving_the_batches_early_shuts_the_data_workers_down():
+    """Workers ignore SIGTERM (a signal to the process group must not kill them mid-save), so
+    multiprocessing's exit-time cleanup cannot end them: the loop must, on every way out, even while
+    something (a traceback, a reference cycle) still holds the iterator."""
+    dataset = SeededSamples(torch.utils.data.TensorDataset(torch.arange(64.0)))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=ShardedBatchSampler(64, 4), num_workers=1,
+                                         worker_init_fn=_ignore_stop_signals)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(KeyError):
+        with _batches(loader) as batches:
+            next(batches)
+            workers = set(multiprocessing.active_children()) - before
+            held = batches  # noqa: F841
+            raise KeyError("leaving mid-epoch")
+    assert workers and not workers & set(multiprocessing.active_children())

@@ -56,6 +56,15 @@ def test_resuming_mid_epoch_yields_exactly_the_remaining_batches():
     assert list(sampler) == full[3:]
 
 
+def test_stop_ends_only_the_current_pass():
+    sampler = ShardedBatchSampler(40, 5, seed=1)
+    batches = iter(sampler)
+    first = next(batches)
+    sampler.stop()
+    assert list(batches) == []
+    assert next(iter(sampler)) == first
+
+
 def test_bad_batch_size():
     with pytest.raises(ValueError, match="batch size"):
         ShardedBatchSampler(10, 0)

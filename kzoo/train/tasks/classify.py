@@ -18,10 +18,10 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_pretrained_cfg
 from torch import nn
-from tqdm import tqdm
 
 from kzoo.data.folder import image_folder
-from kzoo.train import checkpoint
+from kzoo.train import checkpoint, distributed
+from kzoo.train.engine import evaluate
 from kzoo.train.task import Task
 
 
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--train-interpolation", default="random")
 
 
-def _model_kwargs(model_name: str, num_classes: int | None, in_chans: int | None, img_size: int | None,
+def _model_kwargs(num_classes: int | None, in_chans: int | None, img_size: int | None,
                   extra: dict) -> dict:
     kwargs = dict(extra)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans), ("img_size", img_size)):
@@ -133,7 +133,7 @@ class ClassifyTask(Task):
     def model_config(self) -> dict:
         a = self.args
         return dict(model=a.model, data_config=self.data_config,
-                    **_model_kwargs(a.model, self.num_classes, self.data_config["input_size"][0],
+                    **_model_kwargs(self.num_classes, self.data_config["input_size"][0],
                                     a.img_size, a.model_kwargs))
 
     def build_model(self) -> nn.Module:
@@ -156,7 +156,7 @@ class ClassifyTask(Task):
         return self.train_criterion(model(images), targets)
 
     def eval_sums(self, model: nn.Module, batch) -> dict[str, float]:
-        return classification_sums(model(batch[0]), batch[1])
+        return classification_sums(model, batch)
 
 
 def _classes_in(path: str | Path, model_name: str) -> int | None:
@@ -173,9 +173,10 @@ def _classes_in(path: str | Path, model_name: str) -> int | None:
     return None if head is None else head.shape[0]
 
 
-def classification_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Summed cross-entropy and top-1/top-5 hits (in percent units) of one batch."""
-    logits = logits.float()
+def classification_sums(model: nn.Module, batch) -> dict[str, float]:
+    """Summed cross-entropy and top-1/top-5 hits (in percent units) of one (images, targets) batch."""
+    images, targets = batch
+    logits = model(images).float()
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = top == targets[:, None]
     return {"loss": F.cross_entropy(logits, targets, reduction="sum").item(),
@@ -223,7 +224,7 @@ def _load_for_validation(args: argparse.Namespace) -> tuple[str, nn.Module, dict
         _check_model_name(args.model)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such weights file")
-        kwargs = _model_kwargs(args.model, args.num_classes, args.in_chans, args.img_size, {})
+        kwargs = _model_kwargs(args.num_classes, args.in_chans, args.img_size, {})
         model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
         return args.model, model, _data_config(args.model, dict(
             in_chans=args.in_chans, img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation))
@@ -244,17 +245,12 @@ def _load_for_validation(args: argparse.Namespace) -> tuple[str, nn.Module, dict
 def validate(args: argparse.Namespace) -> int:
     """Top-1/top-5 of a checkpoint on an ImageFolder split; prints and appends timm validate.py's row."""
     name, model, data_config = _load_for_validation(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
+    context = distributed.setup(args.device)
     dataset = image_folder(args.data_dir, args.split, transform=eval_transform(data_config),
                            input_img_mode="L" if data_config["input_size"][0] == 1 else "RGB")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for images, targets in tqdm(loader, desc=f"validate {name}", leave=False):
-            for key, value in classification_sums(model(images.to(device)), targets.to(device)).items():
-                sums[key] = sums.get(key, 0.0) + value
-    top1, top5 = sums["top1"] / sums["count"], sums["top5"] / sums["count"]
+    metrics = evaluate(classification_sums, model.to(context.device), loader, context, desc=f"validate {name}")
+    top1, top5 = metrics["top1"], metrics["top5"]
     row = dict(model=name, top1=round(top1, 3), top1_err=round(100 - top1, 3), top5=round(top5, 3),
                top5_err=round(100 - top5, 3), param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                img_size=data_config["input_size"][-1], crop_pct=data_config["crop_pct"],

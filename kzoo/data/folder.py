@@ -49,6 +49,4 @@ def image_folder(root: str | Path, split: str, *, transform=None, input_img_mode
                                  transform=transform, input_img_mode=input_img_mode)
     except RuntimeError as error:  # timm: "Found 0 images in subfolders of ..."
         raise ValueError(f"{folder}: {error}".splitlines()[0]) from None
-    if len(dataset) == 0:
-        raise ValueError(f"{folder}: no images (.png/.jpg/.jpeg) found")
     return SkipUnreadable(dataset)

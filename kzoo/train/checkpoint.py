@@ -187,6 +187,7 @@ class CheckpointWriter:
                 shutil.rmtree(old)
 
 
-def metadata_for(model_name: str, config: dict, step: int, epoch: int) -> dict[str, str]:
-    return {"format": "kzoo", "model": model_name, "config": json.dumps(config, sort_keys=True),
+def metadata_for(config: dict, step: int, epoch: int) -> dict[str, str]:
+    """Safetensors metadata for a task's ``model_config()`` (which names the model under "model")."""
+    return {"format": "kzoo", "model": config["model"], "config": json.dumps(config, sort_keys=True),
             "step": str(step), "epoch": str(epoch)}

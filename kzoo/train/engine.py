@@ -252,7 +252,7 @@ def _train(task: Task, config: TrainConfig, context: distributed.Context) -> int
                          optimizer=optimizer_state,
                          scheduler=scheduler.state_dict() if scheduler is not None else None,
                          scaler=scaler.state_dict() if scaler is not None else None)
-            metadata = checkpoint.metadata_for(model_config["model"], model_config, step, epoch)
+            metadata = checkpoint.metadata_for(model_config, step, epoch)
             writer.commit(step, model_state, ema.module.state_dict() if ema is not None else None,
                           state, metadata, is_best)
         distributed.barrier(context)

@@ -39,7 +39,7 @@ def save_step(writer, step, is_best=False):
     writer.begin(step)
     writer.write_rng(writer.staging(step), 0)
     return writer.commit(step, {"w": torch.full((2,), float(step))}, None, {"step": step, "nested": {"a": [1, 2]}},
-                         checkpoint.metadata_for("m", {"model": "m"}, step, 0), is_best)
+                         checkpoint.metadata_for({"model": "m"}, step, 0), is_best)
 
 
 def test_writer_keeps_last_best_and_the_newest(tmp_path):

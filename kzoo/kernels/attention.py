@@ -96,7 +96,9 @@ def _check_ranges(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> None:
 # --- the op ------------------------------------------------------------------------------------
 
 def _stats_shape(q: Tensor) -> tuple[int, ...]:
-    return tuple(q.shape[:3]) if resolve(q.device) == "triton" else (0,)
+    """The per-query log-sum-exp that the Triton (base 2) and CPU (natural) backwards start from;
+    the reference recomputes everything."""
+    return tuple(q.shape[:3]) if resolve(q.device) in ("triton", "cpu") else (0,)
 
 
 @torch.library.custom_op("kzoo::block_sparse_attention", mutates_args=())
@@ -114,9 +116,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
     if backend == "cpu":
         from . import cpu
 
-        out = cpu.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
-    else:
-        out = reference.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
+        out, lse = cpu.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
+        return out.contiguous(), lse.contiguous()
+    out = reference.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
     return out.contiguous(), q.new_empty(0, dtype=torch.float32)
 
 
@@ -139,7 +141,7 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     if backend == "cpu":
         from . import cpu
 
-        grads = cpu.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
+        grads = cpu.block_sparse_attention_backward(grad_out, q, k, v, out, stats, kv_start, kv_end, scale)
     else:
         grads = reference.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
     return tuple(g.contiguous() for g in grads)

@@ -8,8 +8,9 @@ with dynamic shapes, Inductor's loop over the channel-last (tokens, C) layout is
 Shapes are compiled dynamic and the numerator is always passed as (G, 6), so one graph per dtype
 serves every layer; past dynamo's recompile limit the eager reference runs, still correct.
 
-Block-sparse attention runs one fused SDPA per run of queries that share a key range, so no
-Lq x Lk mask is built for scale layouts.
+Block-sparse attention runs ATen's fused CPU attention once per run of queries that share a key
+range, so no Lq x Lk mask is built for scale layouts, and its fused backward from the saved
+log-sum-exp.
 """
 from __future__ import annotations
 
@@ -60,54 +61,92 @@ def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int
     return runs if len(runs) <= max(32, kv_start.numel() // 16) else None
 
 
-def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
-    """Dense attention per run of queries sharing a key range, with runs of one shape batched
-    together, so that no Lq x Lk mask exists; masked SDPA for other layouts."""
+# ATen's fused CPU attention kernels, called directly rather than through SDPA: the forward returns
+# the log-sum-exp that the fused backward takes, so the backward neither recomputes the forward nor
+# builds the probabilities.
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
+                           scale: float) -> tuple[Tensor, Tensor]:
+    """(out, natural log-sum-exp per query, (B, H, Lq) float32, -inf for a query with no keys).
+
+    Scale layouts run dense attention per run of queries sharing a key range, runs of one shape
+    batched together, so that no Lq x Lk mask exists; other layouts run one masked attention.
+    """
     runs = segmented(kv_start, kv_end)
     if runs is None:
-        mask = reference.range_mask(kv_start, kv_end, k.shape[-2])
-        mask = mask[:, None] if mask.ndim == 3 else mask
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # SDPA gives NaN for empty rows
-    parts: dict[int, Tensor] = {}  # query-run start -> its output rows
-    by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+        bias, empty = _masked_bias(q, kv_start, kv_end, k.shape[-2])
+        out, lse = _flash_forward(q, k, v, attn_mask=bias, scale=scale)
+        return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+    outs: dict[int, Tensor] = {}  # query-run start -> its output rows
+    lses: dict[int, Tensor] = {}
+    groups = _runs_by_shape(runs)
+    for group in groups:
+        out, lse = _flash_forward(*_stacked(group, q=q, k=k, v=v), scale=scale)
+        outs.update(zip((a for a, _, _, _ in group), out.split(q.shape[0])))
+        lses.update(zip((a for a, _, _, _ in group), lse.split(q.shape[0])))
     for a, b, c, d in runs:
-        if d > c:
-            by_shape.setdefault((b - a, d - c), []).append((a, b, c, d))
-        else:
-            parts[a] = q.new_zeros(*q.shape[:2], b - a, q.shape[3])
-    for group in by_shape.values():
-        # Runs of one shape are stacked along the batch dim: SDPA's fused CPU kernel takes 4-D input
-        # only (5-D input falls back to the unfused math path, twice as slow).
-        qs = _concat_rows(q, [(a, b) for a, b, _, _ in group])
-        ks = _concat_rows(k, [(c, d) for _, _, c, d in group])
-        vs = _concat_rows(v, [(c, d) for _, _, c, d in group])
-        result = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-        parts.update(zip((a for a, _, _, _ in group), result.split(q.shape[0])))
-    # The runs partition the queries in order, so one concatenation assembles the output.
-    return torch.cat([parts[a] for a, _, _, _ in runs], dim=2)
-
-
-def _concat_rows(t: Tensor, spans: list[tuple[int, int]]) -> Tensor:
-    return t[..., spans[0][0]:spans[0][1], :] if len(spans) == 1 else torch.cat([t[..., a:b, :] for a, b in spans])
+        if d <= c:
+            outs[a] = q.new_zeros(*q.shape[:2], b - a, q.shape[3])
+            lses[a] = q.new_full((*q.shape[:2], b - a), float("-inf"), dtype=torch.float32)
+    # The runs partition the queries in order, so one concatenation assembles each result.
+    return torch.cat([outs[a] for a, _, _, _ in runs], dim=2), torch.cat([lses[a] for a, _, _, _ in runs], dim=2)
 
 
 def block_sparse_attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_start: Tensor, kv_end: Tensor,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reference backward, run per run of queries when the layout is segmented."""
+    """(dq, dk, dv) from the forward's out and lse, by ATen's fused backward on the same runs."""
     runs = segmented(kv_start, kv_end)
     if runs is None:
-        return reference.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
+        bias, empty = _masked_bias(q, kv_start, kv_end, k.shape[-2])
+        # The forward opened the empty rows to every key and zeroed them afterwards; zero output
+        # gradient and probabilities of exp(s - inf) = 0 keep them out of every gradient.
+        grad_out = grad_out.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("inf"))
+        return _flash_backward(grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for a, b, c, d in runs:
-        if d <= c:
-            continue
-        start = torch.zeros(b - a, dtype=torch.int32)
-        stop = torch.full((b - a,), d - c, dtype=torch.int32)
-        part = reference.block_sparse_attention_backward(
-            grad_out[..., a:b, :], q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], start, stop, scale)
-        dq[..., a:b, :] = part[0]
-        dk[..., c:d, :] += part[1]
-        dv[..., c:d, :] += part[2]
+    for group in _runs_by_shape(runs):
+        grads = _flash_backward(*_stacked(group, grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse),
+                                0.0, False, scale=scale)
+        for (a, b, c, d), dq_run, dk_run, dv_run in zip(group, *(g.split(q.shape[0]) for g in grads)):
+            dq[..., a:b, :] = dq_run
+            dk[..., c:d, :] += dk_run
+            dv[..., c:d, :] += dv_run
     return dq, dk, dv
+
+
+def _runs_by_shape(runs: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """The non-empty runs, grouped by (queries, keys)."""
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for a, b, c, d in runs:
+        if d > c:
+            groups.setdefault((b - a, d - c), []).append((a, b, c, d))
+    return list(groups.values())
+
+
+def _stacked(group: list[tuple[int, int, int, int]], **tensors: Tensor) -> list[Tensor]:
+    """Each tensor's rows of every run in the group, stacked along the batch dim (the fused CPU
+    kernels take 4-D input only). Query-side tensors take the query rows, k and v the key rows."""
+    stacked = []
+    for name, t in tensors.items():
+        spans = [(c, d) if name in ("k", "v") else (a, b) for a, b, c, d in group]
+        rows = [t[..., a:b, :] if t.ndim == 4 else t[..., a:b] for a, b in spans]
+        stacked.append(rows[0] if len(rows) == 1 else torch.cat(rows))
+    return stacked
+
+
+def _masked_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """Additive mask in q's dtype, broadcastable to (B, H, Lq, Lk), and the (B or 1, 1, Lq) empty rows.
+
+    An empty row is opened to every key, so that the kernel never normalises over nothing (NaN); the
+    callers zero its output and gradient.
+    """
+    allowed = reference.range_mask(kv_start, kv_end, num_keys)
+    allowed = allowed[:, None] if allowed.ndim == 3 else allowed[None, None]
+    empty = ~allowed.any(-1)
+    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~(allowed | empty[..., None]), float("-inf"))
+    return bias, empty

@@ -3,14 +3,24 @@
 Without a GPU the Triton kernels run under the interpreter, which triton reads when ``@triton.jit``
 runs, i.e. when a kernel module is first imported; kzoo imports kernel modules lazily, so setting it
 here, before any test imports them, is enough.
+
+Inductor's on-disk cache is keyed on the traced graph, not on a custom op's fake implementation, so
+code compiled against an older kzoo (say, another stats shape) would be reused; each test run
+compiles into a cache of its own, as on a fresh machine.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kzoo-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,6 +14,7 @@ log-sum-exp.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,12 +42,12 @@ def group_rational_backward(
 
 def query_runs(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]]:
     """Runs of consecutive queries that share one key range: (q_begin, q_end, k_begin, k_end)."""
-    changes = torch.ones(kv_start.shape[-1], dtype=torch.bool)
-    changes[1:] = (kv_start[1:] != kv_start[:-1]) | (kv_end[1:] != kv_end[:-1])
-    begins = torch.nonzero(changes).flatten().tolist()
-    ends = begins[1:] + [kv_start.shape[-1]]
-    starts, stops = kv_start.tolist(), kv_end.tolist()
-    return [(b, e, starts[b], stops[b]) for b, e in zip(begins, ends)]
+    # In numpy: a handful of torch calls on a few hundred elements cost more than a small run's attention.
+    starts, stops = kv_start.numpy(), kv_end.numpy()
+    changes = np.flatnonzero((starts[1:] != starts[:-1]) | (stops[1:] != stops[:-1])) + 1
+    begins = [0, *changes.tolist()]
+    ends = [*changes.tolist(), len(starts)]
+    return [(b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends)]
 
 
 def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]] | None:

@@ -27,7 +27,7 @@ def layout(name, generator):
     if name == "equal_blocks":  # several runs of one shape: batched together on the CPU path
         start, end = scale_ranges((2, 2, 2, 3, 1), "markov")
         return 22, 22, start, end
-    if name == "mixed_runs":  # short runs (packed together on the CPU path, some empty) between long ones
+    if name == "mixed_runs":  # short runs (some empty, some of one shape) between long ones
         runs = [(3, 0, 0), (5, 0, 5), (200, 5, 300), (7, 9, 9), (2, 290, 300), (150, 0, 150), (3, 100, 140)]
         start = torch.cat([torch.full((n,), a) for n, a, _ in runs]).int()
         end = torch.cat([torch.full((n,), b) for n, _, b in runs]).int()
@@ -110,7 +110,7 @@ def test_gradcheck(backend, ranges):
                                         fast_mode=True)
 
 
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # bf16: 8 mantissa bits
 
 
 def check_against_reference(name, head_dim, dtype, device, seed):
@@ -137,12 +137,28 @@ def test_triton_matches_reference(name, head_dim, dtype, poison):
         check_against_reference(name, head_dim, dtype, TRITON_DEVICE, seed=head_dim + len(name))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("name", LAYOUTS + ["mixed_runs"])
 def test_cpu_path_matches_reference(name, head_dim, dtype, poison):
     with use_backend("auto"):
         check_against_reference(name, head_dim, dtype, "cpu", seed=head_dim + len(name))
+
+
+@pytest.mark.parametrize("name,masked", [("markov", False), ("block_causal", False), ("mixed_runs", False),
+                                         ("causal", True), ("random_per_sample", True)])
+def test_cpu_path_builds_no_mask_for_scale_layouts(name, masked, monkeypatch):
+    """Scale layouts run per query run, forward and backward, without an Lq x Lk mask; layouts with
+    a range per query (or per sample) do take the masked kernel."""
+    g = torch.Generator().manual_seed(7)
+    lq, lk, start, end = layout(name, g)
+    q, k, v, grad_out = make_inputs(lq, lk, 16, torch.float32, "cpu", g)
+    masks = []
+    real_range_mask = reference.range_mask
+    monkeypatch.setattr(reference, "range_mask", lambda *a: masks.append(a) or real_range_mask(*a))
+    with use_backend("auto"):
+        run_op(q, k, v, start, end, grad_out)
+    assert len(masks) == (2 if masked else 0)  # forward and backward
 
 
 @pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])

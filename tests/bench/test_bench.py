@@ -37,3 +37,19 @@ def test_attention_bench_writes_results(tmp_path):
         assert set(row["timings"]) == {"kzoo", "sdpa_masked", "sdpa_dense"}
         assert row["timings"]["sdpa_masked"]["forward_speedup_vs_sdpa_masked"] == 1.0
     assert result["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flex_baseline_sees_the_same_keys():
+    """The GPU-only FlexAttention baseline, built from the ranges, computes the reference attention
+    (its forward also runs on CPU); a wrong mask_mod would make every GPU comparison meaningless."""
+    from kzoo.bench import attention
+    from kzoo.kernels import reference, scale_ranges
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    for mode in ("markov", "block_causal"):
+        start, end = scale_ranges((1, 2, 3, 5, 8), mode)  # 103 tokens, scales cut across flex's blocks
+        q, k, v = (torch.randn(1, 2, 103, 16, generator=g) for _ in range(3))
+        flex = attention._flex(start, end, 103, torch.device("cpu"))
+        expected = reference.block_sparse_attention(*(t.double() for t in (q, k, v)), start, end)
+        torch.testing.assert_close(flex(q, k, v).double(), expected, rtol=1e-5, atol=1e-5)

@@ -17,12 +17,13 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "attention":
         from kzoo.bench import attention as bench
 
-        result = bench.run(device, batch=args.batch, repeats=args.repeats or 5, out_dir=Path(args.out))
+        result = bench.run(device, resolutions=args.sizes and args.sizes.split(","), batch=args.batch,
+                           repeats=args.repeats or 5, out_dir=Path(args.out))
     else:
         from kzoo.bench import models as bench
 
-        result = bench.run(device, sizes=args.sizes.split(","), batch=args.batch, iters=args.repeats,
-                           out_dir=Path(args.out))
+        result = bench.run(device, sizes=(args.sizes or "tiny,small,base").split(","), batch=args.batch,
+                           iters=args.repeats, out_dir=Path(args.out))
     print(bench.table(result["payload"]))
     print(f"\nwrote {result['json']} and {result['plot']}")
     return 0
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "models: 16 on CPU, 256 on GPU)")
     bench.add_argument("--repeats", type=int, default=None,
                        help="timed repeats per measurement, median reported (rational: 5; models: 10 on CPU, 40 on GPU)")
-    bench.add_argument("--sizes", default="tiny,small,base", help="models: comma-separated KAT/DeiT sizes")
+    bench.add_argument("--sizes", default=None,
+                       help="models: comma-separated KAT/DeiT sizes (default tiny,small,base); attention: "
+                            "comma-separated HMAR resolutions (default 256,512 on CPU, 256,512,1024 on GPU)")
     bench.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plot")
     bench.set_defaults(run=_bench)
 

@@ -39,3 +39,9 @@ def test_python_dash_m_kzoo():
 def test_unknown_subcommand_fails():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_bench_attention_rejects_an_unknown_resolution(capsys):
+    status = main(["bench", "attention", "--device", "cpu", "--sizes", "256,300"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err == "kzoo bench: resolution '300' is not one of the HMAR schedules' 256, 512, 1024"

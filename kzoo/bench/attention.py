@@ -76,6 +76,10 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
         out_dir: Path = Path("bench/results")) -> dict:
     on_gpu = device.type == "cuda"
     resolutions = resolutions or ((256, 512, 1024) if on_gpu else (256, 512))
+    unknown = [r for r in resolutions if str(r) not in map(str, SCHEDULES)]
+    if unknown:
+        raise ValueError(f"resolution {unknown[0]!r} is not one of the HMAR schedules' {', '.join(map(str, SCHEDULES))}")
+    resolutions = [int(r) for r in resolutions]
     depths = depths or tuple(DEPTHS)
     batch = batch or (4 if on_gpu else 1)
     dtype = torch.bfloat16 if on_gpu else torch.float32

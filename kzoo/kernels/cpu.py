@@ -83,8 +83,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
         return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
     outs: dict[int, Tensor] = {}  # query-run start -> its output rows
     lses: dict[int, Tensor] = {}
-    groups = _runs_by_shape(runs)
-    for group in groups:
+    for group in _runs_by_shape(runs):
         out, lse = _flash_forward(*_stacked(group, q=q, k=k, v=v), scale=scale)
         outs.update(zip((a for a, _, _, _ in group), out.split(q.shape[0])))
         lses.update(zip((a for a, _, _, _ in group), lse.split(q.shape[0])))

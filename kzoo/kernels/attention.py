@@ -83,10 +83,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
 
 def _check_ranges(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> None:
     """Value checks (they read the ranges, so they run outside tracing); one reduction when valid."""
-    bad = (kv_start < 0) | (kv_end > num_keys) | (kv_start > kv_end)
+    # numpy for CPU ranges: the same test as torch calls costs as much as a small scale's attention.
+    start, end = (kv_start.numpy(), kv_end.numpy()) if kv_start.device.type == "cpu" else (kv_start, kv_end)
+    bad = (start < 0) | (end > num_keys) | (start > end)
     if not bad.any():
         return
-    index = tuple(torch.nonzero(bad)[0].tolist())
+    index = tuple(torch.nonzero(torch.as_tensor(bad))[0].tolist())
     first, last = int(kv_start[index]), int(kv_end[index])
     if first > last:
         raise ValueError(f"block_sparse_attention: kv_start[{index}]={first} > kv_end[{index}]={last}")

@@ -85,8 +85,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     lses: dict[int, Tensor] = {}
     for group in _runs_by_shape(runs):
         out, lse = _flash_forward(*_stacked(group, q=q, k=k, v=v), scale=scale)
-        outs.update(zip((a for a, _, _, _ in group), out.split(q.shape[0])))
-        lses.update(zip((a for a, _, _, _ in group), lse.split(q.shape[0])))
+        outs.update(zip((a for a, _, _, _ in group), _unstacked(out, len(group))))
+        lses.update(zip((a for a, _, _, _ in group), _unstacked(lse, len(group))))
     for a, b, c, d in runs:
         if d <= c:
             outs[a] = q.new_zeros(*q.shape[:2], b - a, q.shape[3])
@@ -112,7 +112,7 @@ def block_sparse_attention_backward(
     for group in _runs_by_shape(runs):
         grads = _flash_backward(*_stacked(group, grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse),
                                 0.0, False, scale=scale)
-        for (a, b, c, d), dq_run, dk_run, dv_run in zip(group, *(g.split(q.shape[0]) for g in grads)):
+        for (a, b, c, d), dq_run, dk_run, dv_run in zip(group, *(_unstacked(g, len(group)) for g in grads)):
             dq[..., a:b, :] = dq_run
             dk[..., c:d, :] += dk_run
             dv[..., c:d, :] += dv_run
@@ -137,6 +137,11 @@ def _stacked(group: list[tuple[int, int, int, int]], **tensors: Tensor) -> list[
         rows = [t[..., a:b, :] if t.ndim == 4 else t[..., a:b] for a, b in spans]
         stacked.append(rows[0] if len(rows) == 1 else torch.cat(rows))
     return stacked
+
+
+def _unstacked(t: Tensor, runs: int) -> list[Tensor] | tuple[Tensor, ...]:
+    """The per-run parts of a result stacked by :func:`_stacked`."""
+    return [t] if runs == 1 else t.chunk(runs)
 
 
 def _masked_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:

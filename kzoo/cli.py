@@ -22,8 +22,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from kzoo.bench import models as bench
 
-        result = bench.run(device, sizes=(args.sizes or "tiny,small,base").split(","), batch=args.batch,
-                           iters=args.repeats, out_dir=Path(args.out))
+        result = bench.run(device, sizes=args.sizes and args.sizes.split(","), batch=args.batch, iters=args.repeats,
+                           out_dir=Path(args.out))
     print(bench.table(result["payload"]))
     print(f"\nwrote {result['json']} and {result['plot']}")
     return 0

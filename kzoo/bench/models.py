@@ -61,9 +61,10 @@ def measure_pair(names: tuple[str, str], device: torch.device, batch: int, warmu
             for name in names]
 
 
-def run(device: torch.device, sizes=("tiny", "small", "base"), batch: int | None = None, warmup: int | None = None,
+def run(device: torch.device, sizes=None, batch: int | None = None, warmup: int | None = None,
         iters: int | None = None, out_dir: Path = Path("bench/results")) -> dict:
     on_gpu = device.type == "cuda"
+    sizes = sizes or ("tiny", "small", "base")
     batch = batch or (256 if on_gpu else 16)
     warmup = warmup or (10 if on_gpu else 3)
     iters = iters or (40 if on_gpu else 10)

@@ -139,9 +139,9 @@ def _stacked(group: list[tuple[int, int, int, int]], **tensors: Tensor) -> list[
     return stacked
 
 
-def _unstacked(t: Tensor, runs: int) -> list[Tensor] | tuple[Tensor, ...]:
+def _unstacked(t: Tensor, runs: int) -> tuple[Tensor, ...]:
     """The per-run parts of a result stacked by :func:`_stacked`."""
-    return [t] if runs == 1 else t.chunk(runs)
+    return (t,) if runs == 1 else t.chunk(runs)
 
 
 def _masked_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:

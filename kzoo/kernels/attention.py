@@ -97,20 +97,16 @@ def _check_ranges(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> None:
 
 # --- the op ------------------------------------------------------------------------------------
 
-def _stats_shape(q: Tensor) -> tuple[int, ...]:
-    """The per-query log-sum-exp that the Triton (base 2) and CPU (natural) backwards start from;
-    the reference recomputes everything."""
-    return tuple(q.shape[:3]) if resolve(q.device) in ("triton", "cpu") else (0,)
-
-
 @torch.library.custom_op("kzoo::block_sparse_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
                   scale: float) -> tuple[Tensor, Tensor]:
+    """(out, stats): stats is :func:`reference.attention_log_sum_exp` on every backend (base 2,
+    (B, H, Lq) float32), which the backward starts from."""
     _check_inputs(q, k, v, kv_start, kv_end)
     _check_ranges(kv_start, kv_end, k.shape[2])
     backend = resolve(q.device)
     if q.numel() == 0 or k.shape[2] == 0:
-        return q.new_zeros(q.shape), q.new_empty(_stats_shape(q), dtype=torch.float32).fill_(float("-inf"))
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     if backend == "triton":
         from .triton.attention import attention_forward
 
@@ -121,13 +117,13 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
         out, lse = cpu.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
         return out.contiguous(), lse.contiguous()
     out = reference.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
-    return out.contiguous(), q.new_empty(0, dtype=torch.float32)
+    return out.contiguous(), reference.attention_log_sum_exp(q, k, kv_start, kv_end, scale)
 
 
 @_attention_op.register_fake
 def _(q, k, v, kv_start, kv_end, scale):
     _check_inputs(q, k, v, kv_start, kv_end)
-    return q.new_empty(q.shape), q.new_empty(_stats_shape(q), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("kzoo::block_sparse_attention_backward", mutates_args=())

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .reference import LOG2E
 
 _forward = torch.compile(reference.group_rational, dynamic=True)
 _backward = torch.compile(reference.group_rational_backward, dynamic=True)
@@ -71,7 +72,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
                            scale: float) -> tuple[Tensor, Tensor]:
-    """(out, natural log-sum-exp per query, (B, H, Lq) float32, -inf for a query with no keys).
+    """(out, base-2 log-sum-exp per query, (B, H, Lq) float32, -inf for a query with no keys).
 
     Scale layouts run dense attention per run of queries sharing a key range, runs of one shape
     batched together, so that no Lq x Lk mask exists; other layouts run one masked attention.
@@ -80,7 +81,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     if runs is None:
         bias, empty = _masked_bias(q, kv_start, kv_end, k.shape[-2])
         out, lse = _flash_forward(q, k, v, attn_mask=bias, scale=scale)
-        return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+        return out.masked_fill(empty[..., None], 0.0), (lse * LOG2E).masked_fill_(empty, float("-inf"))
     outs: dict[int, Tensor] = {}  # query-run start -> its output rows
     lses: dict[int, Tensor] = {}
     for group in _runs_by_shape(runs):
@@ -92,14 +93,16 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
             outs[a] = q.new_zeros(*q.shape[:2], b - a, q.shape[3])
             lses[a] = q.new_full((*q.shape[:2], b - a), float("-inf"), dtype=torch.float32)
     # The runs partition the queries in order, so one concatenation assembles each result.
-    return torch.cat([outs[a] for a, _, _, _ in runs], dim=2), torch.cat([lses[a] for a, _, _, _ in runs], dim=2)
+    out = torch.cat([outs[a] for a, _, _, _ in runs], dim=2)
+    return out, torch.cat([lses[a] for a, _, _, _ in runs], dim=2) * LOG2E
 
 
 def block_sparse_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_start: Tensor, kv_end: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the forward's out and lse, by ATen's fused backward on the same runs."""
+    """(dq, dk, dv) from the forward's out and base-2 lse, by ATen's fused backward on the same runs."""
+    lse = lse / LOG2E  # the kernels' own, natural log-sum-exp
     runs = segmented(kv_start, kv_end)
     if runs is None:
         bias, empty = _masked_bias(q, kv_start, kv_end, k.shape[-2])

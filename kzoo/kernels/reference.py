@@ -5,9 +5,12 @@ assumption about memory layout. The fast paths (``cpu.py``, ``triton/``) must ag
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+LOG2E = math.log2(math.e)
 NUMERATOR_TERMS = 6  # a0..a5: P(x) = sum_i a_i x^i
 DENOMINATOR_TERMS = 4  # b0..b3: Q(x) = 1 + sum_i |b_i| |x|^(i+1)
 
@@ -106,16 +109,28 @@ def range_mask(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> Tensor:
     return (keys >= kv_start[..., None]) & (keys < kv_end[..., None])
 
 
-def _attention_probabilities(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
-    """Softmax over each query's allowed keys in compute dtype; rows with no keys are all zero."""
+def _masked_scores(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(scaled scores in compute dtype, -inf outside each query's range; the mask)."""
     dtype = compute_dtype(q)
     mask = range_mask(kv_start, kv_end, k.shape[-2])
     if mask.ndim == 3:  # per-sample ranges (B, Lq, Lk) broadcast over heads
         mask = mask[:, None]
     scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    return scores.masked_fill(~mask, float("-inf")), mask
+
+
+def _attention_probabilities(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
+    """Softmax over each query's allowed keys in compute dtype; rows with no keys are all zero."""
+    scores, mask = _masked_scores(q, k, kv_start, kv_end, scale)
     empty = ~mask.any(-1, keepdim=True)
-    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
-    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+
+
+def attention_log_sum_exp(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
+    """log2 of sum_j 2^(log2(e) * scale * q_i . k_j) over each query's allowed keys, float32 (B, H, Lq),
+    -inf for a query with no keys: the statistic every backend's forward keeps for its backward."""
+    scores, _ = _masked_scores(q, k, kv_start, kv_end, scale)
+    return (torch.logsumexp(scores, dim=-1) * LOG2E).float()
 
 
 def block_sparse_attention(

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -84,6 +86,18 @@ def naive_attention(q, k, v, kv_start, kv_end, scale):
     return out
 
 
+def naive_log2_sum_exp(q, k, kv_start, kv_end, scale):
+    out = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for i in range(q.shape[2]):
+            s, e = (kv_start[b, i], kv_end[b, i]) if kv_start.ndim == 2 else (kv_start[i], kv_end[i])
+            keys = list(range(int(s), int(e)))
+            if keys:
+                scores = (k[b, :, keys].double() @ q[b, :, i, :, None].double())[..., 0] * scale  # (H, keys)
+                out[b, :, i] = torch.logsumexp(scores, -1) / math.log(2)
+    return out
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_reference_matches_naive_attention(name):
     g = torch.Generator().manual_seed(1)
@@ -143,6 +157,23 @@ def test_triton_matches_reference(name, head_dim, dtype, poison):
 def test_cpu_path_matches_reference(name, head_dim, dtype, poison):
     with use_backend("auto"):
         check_against_reference(name, head_dim, dtype, "cpu", seed=head_dim + len(name))
+
+
+@pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])
+@pytest.mark.parametrize("name", ["mixed_runs", "random", "random_per_sample"])  # all with empty rows
+def test_stats_are_the_base2_log_sum_exp_on_every_backend(backend, device, name, poison):
+    """One statistic whatever the backend, so that the op's fake and a compiled graph never depend on it."""
+    g = torch.Generator().manual_seed(9)
+    lq, lk, start, end = layout(name, g)
+    q, k, v, _ = make_inputs(lq, lk, 16, torch.float32, device, g)
+    with use_backend(backend):
+        _, stats = torch.ops.kzoo.block_sparse_attention(q, k, v, start.to(device), end.to(device), 0.3)
+    expected = naive_log2_sum_exp(q.cpu(), k.cpu(), start, end, 0.3)
+    assert stats.dtype == torch.float32 and stats.shape == q.shape[:3]
+    stats = stats.cpu().double()
+    assert torch.equal(stats.isneginf(), expected.isneginf()) and expected.isneginf().any()
+    finite = expected.isfinite()
+    assert relative_error(stats[finite], expected[finite]) < 1e-6
 
 
 @pytest.mark.parametrize("name,masked", [("markov", False), ("block_causal", False), ("mixed_runs", False),

@@ -17,8 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import launch_device, triton_interpreted
-
-LOG2E = 1.4426950408889634
+from ..reference import LOG2E
 
 
 @triton.jit

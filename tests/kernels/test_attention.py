@@ -205,19 +205,22 @@ def test_empty_rows_and_empty_tensors(backend, device):
         assert out.shape == (1, 2, 0, 16) and empty_q.grad.shape == empty_q.shape
 
 
-def test_scale_and_strided_inputs():
+@pytest.mark.parametrize("mode", ["window", "markov"])  # the CPU path's masked and per-run branches
+def test_scale_and_strided_inputs(mode):
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(2, 40, 3, 2, 32, generator=g)  # (B, L, 3, H, D) as a fused projection lays it out
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    start, end = window_ranges(40, 3, 3)
+    start, end = window_ranges(40, 3, 3) if mode == "window" else scale_ranges((2, 6), "markov")
     grad_out = torch.randn(2, 2, 40, 32, generator=g)
+    out_ref, grads_ref = float64_reference(*qkv.permute(2, 0, 3, 1, 4).unbind(0), start, end, grad_out, scale=0.2)
     for backend, device in (("auto", "cpu"), ("triton", TRITON_DEVICE)):
+        leaf = qkv.to(device, copy=True).requires_grad_()
+        q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # views with gaps: not contiguous, not dense
+        assert not q.is_contiguous()
         with use_backend(backend):
-            out, grads = run_op(*(t.to(device) for t in (q, k, v)), start.to(device), end.to(device),
-                                grad_out.to(device), scale=0.2)
-        out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out, scale=0.2)
+            out = block_sparse_attention(q, k, v, start.to(device), end.to(device), scale=0.2)
+            out.backward(grad_out.to(device))
         assert relative_error(out, out_ref) < 1e-4
-        for grad, grad_ref in zip(grads, grads_ref):
+        for grad, grad_ref in zip(leaf.grad.permute(2, 0, 3, 1, 4).unbind(0), grads_ref):
             assert relative_error(grad, grad_ref) < 1e-4
 
 

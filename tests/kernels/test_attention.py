@@ -59,7 +59,7 @@ def make_inputs(lq, lk, head_dim, dtype, device, generator, batch=2, heads=2):
 
 
 def run_op(q, k, v, kv_start, kv_end, grad_out, **kwargs):
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))  # not clone(): it may drop strides
     out = block_sparse_attention(q, k, v, kv_start, kv_end, **kwargs)
     out.backward(grad_out)
     return out, (q.grad, k.grad, v.grad)

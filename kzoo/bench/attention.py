@@ -1,4 +1,5 @@
-"""``kzoo bench attention``: block-sparse attention on HMAR (markov) and VAR (block_causal) layouts.
+"""``kzoo bench attention``: block-sparse attention on HMAR (markov) and VAR (block_causal) layouts,
+and a causal layout of the same length (a range per query).
 
 Compared side by side in one run, on the same q, k, v (on CPU the methods' steps alternate):
 * ``kzoo``: the op on its default path (Triton on GPU, per-run dense attention on CPU);
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kzoo.kernels import block_sparse_attention, reference, scale_ranges
+from kzoo.kernels import block_sparse_attention, causal_ranges, reference, scale_ranges
 
 from .common import bar_chart, device_name, environment, interleaved_median_ms, median_ms, write_results
 
@@ -27,6 +28,13 @@ SCHEDULES = {
 }
 DEPTHS = {"d16": 16, "d30": 30}  # heads of HMAR/VAR-d16 and -d30, head dim 64
 HEAD_DIM = 64
+
+
+def _layout(resolution: int, mode: str) -> tuple[Tensor, Tensor]:
+    """Ranges over one schedule's tokens: its scale layout, or causal over the same length."""
+    if mode == "causal":
+        return causal_ranges(sum(p * p for p in SCHEDULES[resolution]))
+    return scale_ranges(SCHEDULES[resolution], mode)
 
 
 def _flex(start: Tensor, end: Tensor, length: int, device: torch.device):
@@ -85,8 +93,8 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
     dtype = torch.bfloat16 if on_gpu else torch.float32
     rows = []
     for resolution in resolutions:
-        for mode in ("markov", "block_causal"):
-            start, end = (t.to(device) for t in scale_ranges(SCHEDULES[resolution], mode))
+        for mode in ("markov", "block_causal", "causal"):
+            start, end = (t.to(device) for t in _layout(resolution, mode))
             length = start.numel()
             pairs = int((end - start).sum())
             methods = _methods(start, end, length, device)

@@ -32,7 +32,7 @@ def test_attention_bench_writes_results(tmp_path):
     result = attention.run(torch.device("cpu"), resolutions=(256,), depths=("d16",), repeats=1, out_dir=tmp_path)
     payload = json.loads(result["json"].read_text())
     assert [(r["mode"], r["length"], r["allowed_pairs"]) for r in payload["rows"]] == [
-        ("markov", 680, 110_468), ("block_causal", 680, 286_434)]
+        ("markov", 680, 110_468), ("block_causal", 680, 286_434), ("causal", 680, 680 * 681 // 2)]
     for row in payload["rows"]:
         assert set(row["timings"]) == {"kzoo", "sdpa_masked", "sdpa_dense"}
         assert row["timings"]["sdpa_masked"]["forward_speedup_vs_sdpa_masked"] == 1.0

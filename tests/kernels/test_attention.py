@@ -44,6 +44,10 @@ def layout(name, generator):
         return 37, 101, *random_ranges(37, 101, generator)
     if name == "random_per_sample":
         return 45, 60, *random_ranges(45, 60, generator, batch=2)
+    if name == "long_window":  # several query tiles on the CPU path's masked branch
+        return 300, 300, *window_ranges(300, 40, 10)
+    if name == "long_random_per_sample":
+        return 290, 310, *random_ranges(290, 310, generator, batch=2)
     raise ValueError(name)
 
 
@@ -153,10 +157,48 @@ def test_triton_matches_reference(name, head_dim, dtype, poison):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [16, 64])
-@pytest.mark.parametrize("name", LAYOUTS + ["mixed_runs"])
+@pytest.mark.parametrize("name", LAYOUTS + ["mixed_runs", "long_window", "long_random_per_sample"])
 def test_cpu_path_matches_reference(name, head_dim, dtype, poison):
     with use_backend("auto"):
         check_against_reference(name, head_dim, dtype, "cpu", seed=head_dim + len(name))
+
+
+@pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])
+@pytest.mark.parametrize("name", ["mixed_runs", "random", "random_per_sample"])  # all with empty rows
+def test_stats_are_the_base2_log_sum_exp_on_every_backend(backend, device, name, poison):
+    """One statistic whatever the backend, so that the op's fake and a compiled graph never depend on it."""
+    g = torch.Generator().manual_seed(9)
+    lq, lk, start, end = layout(name, g)
+    q, k, v, _ = make_inputs(lq, lk, 16, torch.float32, device, g)
+    with use_backend(backend):
+        _, stats = torch.ops.kzoo.block_sparse_attention(q, k, v, start.to(device), end.to(device), 0.3)
+    expected = naive_log2_sum_exp(q.cpu(), k.cpu(), start, end, 0.3)
+    assert stats.dtype == torch.float32 and stats.shape == q.shape[:3]
+    stats = stats.cpu().double()
+    assert torch.equal(stats.isneginf(), expected.isneginf()) and expected.isneginf().any()
+    finite = expected.isfinite()
+    assert relative_error(stats[finite], expected[finite]) < 1e-6
+
+
+@pytest.mark.parametrize("name,tiles", [("markov", 0), ("block_causal", 0), ("mixed_runs", 0),
+                                        ("causal", 1), ("random_per_sample", 1), ("long_window", 3)])
+def test_cpu_path_masks_only_query_tiles(name, tiles, monkeypatch):
+    """Scale layouts run per query run, forward and backward, without any mask; other layouts build
+    one mask per tile of queries, over only the keys the tile's rows see."""
+    from kzoo.kernels.cpu import QUERY_TILE
+
+    g = torch.Generator().manual_seed(7)
+    lq, lk, start, end = layout(name, g)
+    q, k, v, grad_out = make_inputs(lq, lk, 16, torch.float32, "cpu", g)
+    masks = []
+    real_range_mask = reference.range_mask
+    monkeypatch.setattr(reference, "range_mask", lambda *a: masks.append(real_range_mask(*a)) or masks[-1])
+    with use_backend("auto"):
+        run_op(q, k, v, start, end, grad_out)
+    assert len(masks) == 2 * tiles  # forward and backward
+    assert all(mask.shape[-2] <= QUERY_TILE for mask in masks)
+    if name == "long_window":  # 40 keys left, 10 right: no tile needs all 300
+        assert max(mask.shape[-1] for mask in masks) == 128 + 50
 
 
 @pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])

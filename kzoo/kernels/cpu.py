@@ -41,11 +41,14 @@ def group_rational_backward(
     return grad_x, grad_numerator, grad_denominator
 
 
-def query_runs(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]]:
-    """Runs of consecutive queries that share one key range: (q_begin, q_end, k_begin, k_end)."""
+def query_runs(kv_start: Tensor, kv_end: Tensor, limit: int | None = None) -> list[tuple[int, int, int, int]] | None:
+    """Runs of consecutive queries that share one key range: (q_begin, q_end, k_begin, k_end);
+    None when there are more than ``limit``."""
     # In numpy: a handful of torch calls on a few hundred elements cost more than a small run's attention.
     starts, stops = kv_start.numpy(), kv_end.numpy()
     changes = np.flatnonzero((starts[1:] != starts[:-1]) | (stops[1:] != stops[:-1])) + 1
+    if limit is not None and len(changes) + 1 > limit:
+        return None
     begins = [0, *changes.tolist()]
     ends = [*changes.tolist(), len(starts)]
     return [(b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends)]
@@ -59,8 +62,7 @@ def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int
     """
     if kv_start.ndim != 1 or kv_start.numel() == 0:
         return None
-    runs = query_runs(kv_start, kv_end)
-    return runs if len(runs) <= max(32, kv_start.numel() // 16) else None
+    return query_runs(kv_start, kv_end, limit=max(32, kv_start.numel() // 16))
 
 
 QUERY_TILE = 128  # queries per masked call: causal layouts do ~1.8x less work than one full-width call
@@ -106,7 +108,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
             if d > c:
                 bias, empty = _tile_bias(q, kv_start, kv_end, (a, b, c, d))
                 out, lse = _flash_forward(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], attn_mask=bias, scale=scale)
-                parts[a] = out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+                if empty is not None:
+                    out, lse = out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+                parts[a] = out, lse
     for a, b, c, d in blocks:
         if d <= c:
             parts[a] = (q.new_zeros(*q.shape[:2], b - a, q.shape[3]),
@@ -137,11 +141,14 @@ def block_sparse_attention_backward(
         if d <= c:
             continue
         bias, empty = _tile_bias(q, kv_start, kv_end, (a, b, c, d))
-        # The forward opened the empty rows to every key and zeroed them afterwards; zero output
-        # gradient and probabilities of exp(s - inf) = 0 keep them out of every gradient.
-        grads = _flash_backward(grad_out[..., a:b, :].masked_fill(empty[..., None], 0.0), q[..., a:b, :],
-                                k[..., c:d, :], v[..., c:d, :], out[..., a:b, :],
-                                lse[..., a:b].masked_fill(empty, float("inf")), 0.0, False, attn_mask=bias, scale=scale)
+        tile_grad_out, tile_lse = grad_out[..., a:b, :], lse[..., a:b]
+        if empty is not None:
+            # The forward opened the empty rows to every key and zeroed them afterwards; zero output
+            # gradient and probabilities of exp(s - inf) = 0 keep them out of every gradient.
+            tile_grad_out = tile_grad_out.masked_fill(empty[..., None], 0.0)
+            tile_lse = tile_lse.masked_fill(empty, float("inf"))
+        grads = _flash_backward(tile_grad_out, q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], out[..., a:b, :],
+                                tile_lse, 0.0, False, attn_mask=bias, scale=scale)
         dq[..., a:b, :] = grads[0]
         dk[..., c:d, :] += grads[1]
         dv[..., c:d, :] += grads[2]
@@ -173,9 +180,10 @@ def _unstacked(t: Tensor, runs: int) -> tuple[Tensor, ...]:
     return (t,) if runs == 1 else t.chunk(runs)
 
 
-def _tile_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor, tile: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+def _tile_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor,
+               tile: tuple[int, int, int, int]) -> tuple[Tensor, Tensor | None]:
     """A query tile's additive mask over its keys, in q's dtype and broadcastable to (B, H, rows, keys),
-    and its (B or 1, 1, rows) empty rows.
+    and its (B or 1, 1, rows) empty rows, None when it has none.
 
     An empty row is opened to every key, so that the kernel never normalises over nothing (NaN); the
     callers zero its output and gradient.
@@ -184,5 +192,8 @@ def _tile_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor, tile: tuple[int, int
     allowed = reference.range_mask(kv_start[..., a:b] - c, kv_end[..., a:b] - c, d - c)
     allowed = allowed[:, None] if allowed.ndim == 3 else allowed[None, None]
     empty = ~allowed.any(-1)
-    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~(allowed | empty[..., None]), float("-inf"))
-    return bias, empty
+    if empty.any():
+        allowed |= empty[..., None]
+    else:
+        empty = None
+    return torch.full(allowed.shape, float("-inf"), dtype=q.dtype).masked_fill_(allowed, 0.0), empty

@@ -86,7 +86,8 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
     resolutions = resolutions or ((256, 512, 1024) if on_gpu else (256, 512))
     unknown = [r for r in resolutions if str(r) not in map(str, SCHEDULES)]
     if unknown:
-        raise ValueError(f"resolution {unknown[0]!r} is not one of the HMAR schedules' {', '.join(map(str, SCHEDULES))}")
+        schedules = ", ".join(map(str, SCHEDULES))
+        raise ValueError(f"resolution {unknown[0]!r} is not one of the HMAR schedules' {schedules}")
     resolutions = [int(r) for r in resolutions]
     depths = depths or tuple(DEPTHS)
     batch = batch or (4 if on_gpu else 1)

@@ -98,12 +98,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     """
     parts: dict[int, tuple[Tensor, Tensor]] = {}  # query-block start -> its (out, natural lse) rows
     runs = segmented(kv_start, kv_end)
-    blocks = runs if runs is not None else query_tiles(kv_start, kv_end)
     if runs is not None:
+        blocks = runs
         for group in _runs_by_shape(runs):
             out, lse = _flash_forward(*_stacked(group, q=q, k=k, v=v), scale=scale)
-            parts.update(zip((a for a, _, _, _ in group), zip(_unstacked(out, len(group)), _unstacked(lse, len(group)))))
+            for (a, _, _, _), run_out, run_lse in zip(group, _unstacked(out, len(group)), _unstacked(lse, len(group))):
+                parts[a] = run_out, run_lse
     else:
+        blocks = query_tiles(kv_start, kv_end)
         for a, b, c, d in blocks:
             if d > c:
                 bias, empty = _tile_bias(q, kv_start, kv_end, (a, b, c, d))

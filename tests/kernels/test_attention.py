@@ -202,39 +202,6 @@ def test_cpu_path_masks_only_query_tiles(name, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])
-@pytest.mark.parametrize("name", ["mixed_runs", "random", "random_per_sample"])  # all with empty rows
-def test_stats_are_the_base2_log_sum_exp_on_every_backend(backend, device, name, poison):
-    """One statistic whatever the backend, so that the op's fake and a compiled graph never depend on it."""
-    g = torch.Generator().manual_seed(9)
-    lq, lk, start, end = layout(name, g)
-    q, k, v, _ = make_inputs(lq, lk, 16, torch.float32, device, g)
-    with use_backend(backend):
-        _, stats = torch.ops.kzoo.block_sparse_attention(q, k, v, start.to(device), end.to(device), 0.3)
-    expected = naive_log2_sum_exp(q.cpu(), k.cpu(), start, end, 0.3)
-    assert stats.dtype == torch.float32 and stats.shape == q.shape[:3]
-    stats = stats.cpu().double()
-    assert torch.equal(stats.isneginf(), expected.isneginf()) and expected.isneginf().any()
-    finite = expected.isfinite()
-    assert relative_error(stats[finite], expected[finite]) < 1e-6
-
-
-@pytest.mark.parametrize("name,masked", [("markov", False), ("block_causal", False), ("mixed_runs", False),
-                                         ("causal", True), ("random_per_sample", True)])
-def test_cpu_path_builds_no_mask_for_scale_layouts(name, masked, monkeypatch):
-    """Scale layouts run per query run, forward and backward, without an Lq x Lk mask; layouts with
-    a range per query (or per sample) do take the masked kernel."""
-    g = torch.Generator().manual_seed(7)
-    lq, lk, start, end = layout(name, g)
-    q, k, v, grad_out = make_inputs(lq, lk, 16, torch.float32, "cpu", g)
-    masks = []
-    real_range_mask = reference.range_mask
-    monkeypatch.setattr(reference, "range_mask", lambda *a: masks.append(a) or real_range_mask(*a))
-    with use_backend("auto"):
-        run_op(q, k, v, start, end, grad_out)
-    assert len(masks) == (2 if masked else 0)  # forward and backward
-
-
-@pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])
 def test_empty_rows_and_empty_tensors(backend, device):
     q, k, v = (torch.randn(1, 2, 5, 16, device=device) for _ in range(3))
     nothing = torch.zeros(5, dtype=torch.int32, device=device)

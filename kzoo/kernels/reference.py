@@ -127,8 +127,8 @@ def _attention_probabilities(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Ten
 
 
 def attention_log_sum_exp(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float) -> Tensor:
-    """log2 of sum_j 2^(log2(e) * scale * q_i . k_j) over each query's allowed keys, float32 (B, H, Lq),
-    -inf for a query with no keys: the statistic every backend's forward keeps for its backward."""
+    """log2(sum_j exp(scale * q_i . k_j)) over each query's allowed keys j, float32 (B, H, Lq), -inf
+    for a query with no keys: the statistic every backend's forward keeps for its backward."""
     scores, _ = _masked_scores(q, k, kv_start, kv_end, scale)
     return (torch.logsumexp(scores, dim=-1) * LOG2E).float()
 

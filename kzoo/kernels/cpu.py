@@ -41,28 +41,23 @@ def group_rational_backward(
     return grad_x, grad_numerator, grad_denominator
 
 
-def query_runs(kv_start: Tensor, kv_end: Tensor, limit: int | None = None) -> list[tuple[int, int, int, int]] | None:
-    """Runs of consecutive queries that share one key range: (q_begin, q_end, k_begin, k_end);
-    None when there are more than ``limit``."""
-    # In numpy: a handful of torch calls on a few hundred elements cost more than a small run's attention.
-    starts, stops = kv_start.numpy(), kv_end.numpy()
-    changes = np.flatnonzero((starts[1:] != starts[:-1]) | (stops[1:] != stops[:-1])) + 1
-    if limit is not None and len(changes) + 1 > limit:
-        return None
-    begins = [0, *changes.tolist()]
-    ends = [*changes.tolist(), len(starts)]
-    return [(b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends)]
-
-
 def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]] | None:
-    """The query runs when per-run dense attention pays (scale layouts: a few runs), else None.
+    """Runs of consecutive queries that share one key range, (q_begin, q_end, k_begin, k_end), when
+    per-run dense attention pays (scale layouts: a few runs), else None.
 
     Per-sample (B, Lq) ranges, and layouts with a range per query (causal, windows), go to the
     masked query tiles instead.
     """
     if kv_start.ndim != 1 or kv_start.numel() == 0:
         return None
-    return query_runs(kv_start, kv_end, limit=max(32, kv_start.numel() // 16))
+    # In numpy: a handful of torch calls on a few hundred elements cost more than a small run's attention.
+    starts, stops = kv_start.numpy(), kv_end.numpy()
+    changes = np.flatnonzero((starts[1:] != starts[:-1]) | (stops[1:] != stops[:-1])) + 1
+    if len(changes) + 1 > max(32, len(starts) // 16):
+        return None
+    begins = [0, *changes.tolist()]
+    ends = [*changes.tolist(), len(starts)]
+    return [(b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends)]
 
 
 QUERY_TILE = 128  # queries per masked call: causal layouts do ~1.8x less work than one full-width call

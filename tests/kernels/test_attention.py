@@ -77,13 +77,18 @@ def float64_reference(q, k, v, kv_start, kv_end, grad_out, scale=None):
     return out, grads
 
 
+def allowed_keys(kv_start, kv_end, b, i):
+    """Query i's keys in sample b, as a list: independent of the reference's masking."""
+    s, e = (kv_start[b, i], kv_end[b, i]) if kv_start.ndim == 2 else (kv_start[i], kv_end[i])
+    return list(range(int(s), int(e)))
+
+
 def naive_attention(q, k, v, kv_start, kv_end, scale):
-    """Row by row, with an explicit list of allowed keys: independent of the reference's masking."""
+    """Row by row, with an explicit list of allowed keys."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     for b in range(q.shape[0]):
         for i in range(q.shape[2]):
-            s, e = (kv_start[b, i], kv_end[b, i]) if kv_start.ndim == 2 else (kv_start[i], kv_end[i])
-            keys = list(range(int(s), int(e)))
+            keys = allowed_keys(kv_start, kv_end, b, i)
             if keys:
                 scores = (q[b, :, i:i + 1].double() @ k[b, :, keys].double().transpose(-2, -1)) * scale
                 out[b, :, i] = (scores.softmax(-1) @ v[b, :, keys].double())[:, 0]
@@ -94,8 +99,7 @@ def naive_log2_sum_exp(q, k, kv_start, kv_end, scale):
     out = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
     for b in range(q.shape[0]):
         for i in range(q.shape[2]):
-            s, e = (kv_start[b, i], kv_end[b, i]) if kv_start.ndim == 2 else (kv_start[i], kv_end[i])
-            keys = list(range(int(s), int(e)))
+            keys = allowed_keys(kv_start, kv_end, b, i)
             if keys:
                 scores = (k[b, :, keys].double() @ q[b, :, i, :, None].double())[..., 0] * scale  # (H, keys)
                 out[b, :, i] = torch.logsumexp(scores, -1) / math.log(2)

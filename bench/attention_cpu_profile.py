@@ -1,0 +1,105 @@
+"""Where the CPU path's time goes at the 256px HMAR layout (markov, 680 tokens, 16 heads, D = 64).
+
+    .venv/bin/python bench/attention_cpu_profile.py [--out bench/results]
+
+Prints, and writes to attention-cpu-profile.json, median milliseconds of:
+* each query run's fused-kernel call, back to back and right after a dense SDPA call;
+* the layers of one forward right after a dense SDPA call, alternating: the kernel calls alone,
+  plus the output concatenation, the CPU path, the op, and masked SDPA;
+* the six shortest runs as six calls against one masked call over their 91 tokens;
+* the 169-token run with its queries padded to 192;
+* the op's dispatch on a one-token input against its implementation called directly (microseconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import timeit
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kzoo.kernels import attention, block_sparse_attention, cpu, reference, scale_ranges
+
+HEADS, HEAD_DIM, SCALE = 16, 64, 0.125
+PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def median_ms(steps: dict, repeats: int, before=None) -> dict[str, float]:
+    """Median ms of each step, the steps alternating; ``before`` runs untimed ahead of every step."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if before:
+                before()
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    start, end = scale_ranges(PATCH_NUMS, "markov")
+    length = start.numel()
+    q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM) for _ in range(3))
+    other = [torch.randn_like(q) for _ in range(3)]
+    dense = lambda: F.scaled_dot_product_attention(*other)  # noqa: E731  (the "other large op")
+    mask = reference.range_mask(start, end, length)
+    runs = cpu.segmented(start, end)
+
+    def call(a, b, c, d):
+        return lambda: cpu._flash_forward(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], scale=SCALE)
+
+    def kernels():
+        return [call(*run)() for run in runs]
+
+    def kernels_and_concatenation():
+        return torch.cat([out for out, _ in kernels()], dim=2)
+
+    tiny = [run for run in runs if run[1] - run[0] <= 36]
+    packed_bias, _ = cpu._tile_bias(q, start, end, (0, tiny[-1][1], 0, tiny[-1][1]))
+    q192 = torch.randn(1, HEADS, 192, HEAD_DIM)
+    run169 = next(run for run in runs if run[1] - run[0] == 169)
+    one = torch.randn(1, 2, 1, 16)
+    zero, single = torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with torch.no_grad():
+        kernels(), dense()  # warm-up
+        result = dict(
+            run_back_to_back={f"{b - a}": median_ms({"ms": call(a, b, c, d)}, 60)["ms"] for a, b, c, d in runs},
+            run_after_dense={f"{b - a}": median_ms({"ms": call(a, b, c, d)}, 60, dense)["ms"] for a, b, c, d in runs},
+            layers_after_dense=median_ms({
+                "kernels": kernels, "kernels+concatenation": kernels_and_concatenation,
+                "cpu_path": lambda: cpu.block_sparse_attention(q, k, v, start, end, SCALE),
+                "op": lambda: block_sparse_attention(q, k, v, start, end),
+                "masked_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}, 80, dense),
+            shortest_runs_after_dense=median_ms({
+                "six_calls": lambda: [call(*run)() for run in tiny],
+                "one_masked_call": lambda: cpu._flash_forward(
+                    q[..., :tiny[-1][1], :], k[..., :tiny[-1][1], :], v[..., :tiny[-1][1], :],
+                    attn_mask=packed_bias, scale=SCALE)}, 100, dense),
+            run169_queries_padded=median_ms({
+                "169": call(*run169),
+                "192": lambda: cpu._flash_forward(q192, k[..., run169[2]:run169[3], :], v[..., run169[2]:run169[3], :],
+                                                  scale=SCALE)}, 60),
+            dispatch_us={name: round(1e6 * min(timeit.repeat(fn, number=500, repeat=5)) / 500, 1) for name, fn in {
+                "implementation": lambda: attention._attention_op._init_fn(one, one, one, zero, single, 0.25),
+                "op": lambda: torch.ops.kzoo.block_sparse_attention(one, one, one, zero, single, 0.25)}.items()},
+        )
+    result["run_back_to_back_total"] = round(sum(result["run_back_to_back"].values()), 3)
+    result["run_after_dense_total"] = round(sum(result["run_after_dense"].values()), 3)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "attention-cpu-profile.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

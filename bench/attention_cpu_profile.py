@@ -4,8 +4,10 @@
 
 Prints, and writes to attention-cpu-profile.json, median milliseconds of:
 * each query run's fused-kernel call, back to back and right after a dense SDPA call;
-* the layers of one forward right after a dense SDPA call, alternating: the kernel calls alone,
-  plus the output concatenation, the CPU path, the op, and masked SDPA;
+* one forward built up layer by layer, all timed in one shuffled rotation with masked SDPA (and
+  each layer's speedup over it, the median of same-round ratios): a bare loop of public SDPA calls
+  per run, the ten kernel calls with the output concatenation, plus the log-sum-exp, the CPU path,
+  the op's implementation (checks, backend choice) and the op;
 * the six shortest runs as six calls against one masked call over their 91 tokens;
 * the 169-token run with its queries padded to 192;
 * the op's dispatch on a one-token input against its implementation called directly (microseconds).
@@ -22,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kzoo.kernels import attention, block_sparse_attention, cpu, reference, scale_ranges
+from kzoo.bench.common import interleaved_times_ms, paired_speedup
+from kzoo.kernels import attention, cpu, reference, scale_ranges
+from kzoo.kernels.reference import LOG2E
 
 HEADS, HEAD_DIM, SCALE = 16, 64, 0.125
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -60,8 +64,24 @@ def main() -> None:
     def kernels():
         return [call(*run)() for run in runs]
 
+    def sdpa_per_run():
+        return torch.cat([F.scaled_dot_product_attention(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], scale=SCALE)
+                          for a, b, c, d in runs], dim=2)
+
     def kernels_and_concatenation():
         return torch.cat([out for out, _ in kernels()], dim=2)
+
+    def kernels_and_log_sum_exp():
+        results = kernels()
+        return torch.cat([out for out, _ in results], dim=2), torch.cat([lse for _, lse in results], dim=2) * LOG2E
+
+    steps = {
+        "sdpa_per_run": sdpa_per_run, "kernels+concatenation": kernels_and_concatenation,
+        "kernels+log_sum_exp": kernels_and_log_sum_exp,
+        "cpu_path": lambda: cpu.block_sparse_attention(q, k, v, start, end, SCALE),
+        "op_implementation": lambda: attention._attention_op._init_fn(q, k, v, start, end, SCALE),
+        "op": lambda: torch.ops.kzoo.block_sparse_attention(q, k, v, start, end, SCALE),
+        "masked_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=SCALE)}
 
     tiny = [run for run in runs if run[1] - run[0] <= 36]
     packed_bias, _ = cpu._tile_bias(q, start, end, (0, tiny[-1][1], 0, tiny[-1][1]))
@@ -71,14 +91,14 @@ def main() -> None:
     zero, single = torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     with torch.no_grad():
         kernels(), dense()  # warm-up
+        times = interleaved_times_ms(steps, torch.device("cpu"), 3, 150)
+        layers = {name: dict(ms=round(statistics.median(t), 3),
+                             speedup_vs_masked_sdpa=round(paired_speedup(times["masked_sdpa"], t), 2))
+                  for name, t in times.items()}
         result = dict(
             run_back_to_back={f"{b - a}": median_ms({"ms": call(a, b, c, d)}, 60)["ms"] for a, b, c, d in runs},
             run_after_dense={f"{b - a}": median_ms({"ms": call(a, b, c, d)}, 60, dense)["ms"] for a, b, c, d in runs},
-            layers_after_dense=median_ms({
-                "kernels": kernels, "kernels+concatenation": kernels_and_concatenation,
-                "cpu_path": lambda: cpu.block_sparse_attention(q, k, v, start, end, SCALE),
-                "op": lambda: block_sparse_attention(q, k, v, start, end),
-                "masked_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}, 80, dense),
+            layers=layers,
             shortest_runs_after_dense=median_ms({
                 "six_calls": lambda: [call(*run)() for run in tiny],
                 "one_masked_call": lambda: cpu._flash_forward(

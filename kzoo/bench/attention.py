@@ -7,10 +7,12 @@ Compared side by side in one run, on the same q, k, v (on CPU the methods' steps
 * ``sdpa_dense``: SDPA without a mask, the work of the full sequence (FlashAttention on GPU);
 * ``flex`` (GPU only): ``flex_attention`` with a ``create_block_mask`` built from the same ranges.
 TFLOP/s count only the allowed (query, key) pairs: 4 B H D pairs for the forward, 2.5 times that
-again for the backward.
+again for the backward. Speedups over masked SDPA are, on CPU, the median over rounds of the two
+methods' times in the same round (the machine's speed drifts between rounds).
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import torch
@@ -19,7 +21,8 @@ from torch import Tensor
 
 from kzoo.kernels import block_sparse_attention, causal_ranges, reference, scale_ranges
 
-from .common import bar_chart, device_name, environment, interleaved_median_ms, median_ms, write_results
+from .common import (bar_chart, device_name, environment, interleaved_times_ms, median_ms, paired_speedup,
+                     write_results)
 
 SCHEDULES = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -61,8 +64,8 @@ def _methods(start, end, length, device):
 
 
 def _time_methods(methods: dict, q, k, v, grad_out, device: torch.device, repeats: int):
-    """Median forward and forward+backward ms per method: do_bench on GPU; on CPU the methods'
-    steps alternate, so that the machine's drift hits every method alike."""
+    """Forward and forward+backward step times (ms) per method: on CPU one per round, the methods'
+    steps alternating; on GPU one do_bench median each."""
     def forward_step(fn):
         def step():
             with torch.no_grad():
@@ -73,10 +76,10 @@ def _time_methods(methods: dict, q, k, v, grad_out, device: torch.device, repeat
         return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
 
     if device.type == "cuda":
-        return ({n: median_ms(forward_step(fn), device, repeats) for n, fn in methods.items()},
-                {n: median_ms(both_step(fn), device, repeats) for n, fn in methods.items()})
-    forward = interleaved_median_ms({n: forward_step(fn) for n, fn in methods.items()}, device, 2, repeats)
-    both = interleaved_median_ms({n: both_step(fn) for n, fn in methods.items()}, device, 2, repeats)
+        return ({n: [median_ms(forward_step(fn), device, repeats)] for n, fn in methods.items()},
+                {n: [median_ms(both_step(fn), device, repeats)] for n, fn in methods.items()})
+    forward = interleaved_times_ms({n: forward_step(fn) for n, fn in methods.items()}, device, 2, repeats)
+    both = interleaved_times_ms({n: both_step(fn) for n, fn in methods.items()}, device, 2, repeats)
     return forward, both
 
 
@@ -109,15 +112,14 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
                 timings = {}
                 for name in methods:
                     work = flops if name != "sdpa_dense" else 4 * batch * heads * HEAD_DIM * length * length
+                    forward_ms, both_ms = statistics.median(forward[name]), statistics.median(both[name])
                     timings[name] = dict(
-                        forward_ms=forward[name], forward_backward_ms=both[name],
-                        forward_TFLOPs_allowed=flops / forward[name] / 1e9,
-                        forward_backward_TFLOPs_allowed=3.5 * flops / both[name] / 1e9,
-                        forward_TFLOPs_executed=work / forward[name] / 1e9)
-                for name, t in timings.items():
-                    t["forward_speedup_vs_sdpa_masked"] = timings["sdpa_masked"]["forward_ms"] / t["forward_ms"]
-                    t["forward_backward_speedup_vs_sdpa_masked"] = (
-                        timings["sdpa_masked"]["forward_backward_ms"] / t["forward_backward_ms"])
+                        forward_ms=forward_ms, forward_backward_ms=both_ms,
+                        forward_TFLOPs_allowed=flops / forward_ms / 1e9,
+                        forward_backward_TFLOPs_allowed=3.5 * flops / both_ms / 1e9,
+                        forward_TFLOPs_executed=work / forward_ms / 1e9,
+                        forward_speedup_vs_sdpa_masked=paired_speedup(forward["sdpa_masked"], forward[name]),
+                        forward_backward_speedup_vs_sdpa_masked=paired_speedup(both["sdpa_masked"], both[name]))
                 rows.append(dict(resolution=resolution, mode=mode, depth=depth, batch=batch, heads=heads,
                                  head_dim=HEAD_DIM, length=length, allowed_pairs=pairs,
                                  dtype=str(dtype).removeprefix("torch."), timings=timings))

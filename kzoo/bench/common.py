@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import re
 import statistics
 import time
@@ -35,22 +36,39 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return 1e3 * statistics.median(times)
 
 
-def interleaved_median_ms(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median step time of each callable, timed in alternation so that drift hits all of them alike."""
+def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Each callable's step times in ms, round by round: every round runs each step once, so that
+    drift hits all of them alike.
+
+    The order is shuffled every round: in a fixed order each step always runs right after the same
+    other one, whose traces in caches and the allocator then bias its time.
+    """
     for _ in range(warmup):
         for step in steps.values():
             step()
     times = {name: [] for name in steps}
+    order = random.Random(0)
     for _ in range(iters):
-        for name, step in steps.items():
+        for name in order.sample(list(steps), len(steps)):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            step()
+            steps[name]()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def interleaved_median_ms(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median step time of each callable, timed by :func:`interleaved_times_ms`."""
+    return {name: statistics.median(t) for name, t in interleaved_times_ms(steps, device, warmup, iters).items()}
+
+
+def paired_speedup(baseline: list[float], times: list[float]) -> float:
+    """Median over rounds of the baseline's time over the method's time in the same round: the
+    machine's speed drifts between rounds far more than within one."""
+    return statistics.median(b / t for b, t in zip(baseline, times, strict=True))
 
 
 def environment(device: torch.device) -> dict:

@@ -1,8 +1,7 @@
 """``torch.ops.kzoo.block_sparse_attention``: range helpers, checks, registration and autograd.
 
-Query i attends key j iff ``kv_start[i] <= j < kv_end[i]``. The op returns the output and an
-auxiliary tensor for the backward: the Triton path's per-row log-sum-exp (base 2), or an empty
-tensor on the CPU and reference paths, whose backward recomputes the probabilities.
+Query i attends key j iff ``kv_start[i] <= j < kv_end[i]``. The op returns the output and, for
+the backward, each query's log-sum-exp (base 2), the same statistic on every backend.
 """
 from __future__ import annotations
 

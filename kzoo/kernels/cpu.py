@@ -14,6 +14,9 @@ log-sum-exp.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -41,7 +44,10 @@ def group_rational_backward(
     return grad_x, grad_numerator, grad_denominator
 
 
-def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]] | None:
+Run = tuple[int, int, int, int]  # (q_begin, q_end, k_begin, k_end)
+
+
+def segmented(kv_start: Tensor, kv_end: Tensor) -> tuple[Run, ...] | None:
     """Runs of consecutive queries that share one key range, (q_begin, q_end, k_begin, k_end), when
     per-run dense attention pays (scale layouts: a few runs), else None.
 
@@ -50,20 +56,27 @@ def segmented(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int
     """
     if kv_start.ndim != 1 or kv_start.numel() == 0:
         return None
-    # In numpy: a handful of torch calls on a few hundred elements cost more than a small run's attention.
-    starts, stops = kv_start.numpy(), kv_end.numpy()
+    return _runs_of(kv_start.numpy().tobytes(), kv_end.numpy().tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_of(starts: bytes, stops: bytes) -> tuple[Run, ...] | None:
+    """:func:`segmented` on the ranges' int32 bytes, cached: a model passes the same ranges to every
+    layer, forward and backward, and right after a large op even this small numpy search costs
+    about 0.1 ms (cold caches)."""
+    starts, stops = np.frombuffer(starts, dtype=np.int32), np.frombuffer(stops, dtype=np.int32)
     changes = np.flatnonzero((starts[1:] != starts[:-1]) | (stops[1:] != stops[:-1])) + 1
     if len(changes) + 1 > max(32, len(starts) // 16):
         return None
     begins = [0, *changes.tolist()]
     ends = [*changes.tolist(), len(starts)]
-    return [(b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends)]
+    return tuple((b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends))
 
 
 QUERY_TILE = 128  # queries per masked call: causal layouts do ~1.8x less work than one full-width call
 
 
-def query_tiles(kv_start: Tensor, kv_end: Tensor) -> list[tuple[int, int, int, int]]:
+def query_tiles(kv_start: Tensor, kv_end: Tensor) -> list[Run]:
     """Tiles of QUERY_TILE queries and the keys any of their rows (in any sample) sees:
     (q_begin, q_end, k_begin, k_end), with k_begin == k_end when none sees a key."""
     starts, stops = kv_start.numpy().reshape(-1, kv_start.shape[-1]), kv_end.numpy().reshape(-1, kv_end.shape[-1])
@@ -91,30 +104,30 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     batched together, so that no Lq x Lk mask exists; other layouts run masked attention per query
     tile over the keys its rows see.
     """
-    parts: dict[int, tuple[Tensor, Tensor]] = {}  # query-block start -> its (out, natural lse) rows
     runs = segmented(kv_start, kv_end)
+    blocks = runs if runs is not None else query_tiles(kv_start, kv_end)
+    outs: list[Tensor | None] = [None] * len(blocks)  # per block, in query order
+    lses: list[Tensor | None] = [None] * len(blocks)
     if runs is not None:
-        blocks = runs
+        rows = _query_rows(q, runs), _key_rows(k, runs), _key_rows(v, runs)
         for group in _runs_by_shape(runs):
-            out, lse = _flash_forward(*_stacked(group, q=q, k=k, v=v), scale=scale)
-            for (a, _, _, _), run_out, run_lse in zip(group, _unstacked(out, len(group)), _unstacked(lse, len(group))):
-                parts[a] = run_out, run_lse
+            out, lse = _flash_forward(*(_stacked(t_rows, group) for t_rows in rows), scale=scale)
+            for i, run_out, run_lse in zip(group, _unstacked(out, group), _unstacked(lse, group)):
+                outs[i], lses[i] = run_out, run_lse
     else:
-        blocks = query_tiles(kv_start, kv_end)
-        for a, b, c, d in blocks:
+        for i, (a, b, c, d) in enumerate(blocks):
             if d > c:
                 bias, empty = _tile_bias(q, kv_start, kv_end, (a, b, c, d))
                 out, lse = _flash_forward(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], attn_mask=bias, scale=scale)
                 if empty is not None:
                     out, lse = out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
-                parts[a] = out, lse
-    for a, b, c, d in blocks:
+                outs[i], lses[i] = out, lse
+    for i, (a, b, c, d) in enumerate(blocks):
         if d <= c:
-            parts[a] = (q.new_zeros(*q.shape[:2], b - a, q.shape[3]),
-                        q.new_full((*q.shape[:2], b - a), float("-inf"), dtype=torch.float32))
+            outs[i] = q.new_zeros(*q.shape[:2], b - a, q.shape[3])
+            lses[i] = q.new_full((*q.shape[:2], b - a), float("-inf"), dtype=torch.float32)
     # The blocks partition the queries in order, so one concatenation assembles each result.
-    out = torch.cat([parts[a][0] for a, _, _, _ in blocks], dim=2)
-    return out, torch.cat([parts[a][1] for a, _, _, _ in blocks], dim=2) * LOG2E
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2).mul_(LOG2E)
 
 
 def block_sparse_attention_backward(
@@ -126,13 +139,15 @@ def block_sparse_attention_backward(
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     runs = segmented(kv_start, kv_end)
     if runs is not None:
+        rows = (_query_rows(grad_out, runs), _query_rows(q, runs), _key_rows(k, runs), _key_rows(v, runs),
+                _query_rows(out, runs), _query_rows(lse, runs))  # in the fused backward's argument order
+        dq_rows, dk_rows, dv_rows = _query_rows(dq, runs), _key_rows(dk, runs), _key_rows(dv, runs)
         for group in _runs_by_shape(runs):
-            grads = _flash_backward(*_stacked(group, grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse),
-                                    0.0, False, scale=scale)
-            for (a, b, c, d), dq_run, dk_run, dv_run in zip(group, *(_unstacked(g, len(group)) for g in grads)):
-                dq[..., a:b, :] = dq_run
-                dk[..., c:d, :] += dk_run
-                dv[..., c:d, :] += dv_run
+            grads = _flash_backward(*(_stacked(t_rows, group) for t_rows in rows), 0.0, False, scale=scale)
+            for i, dq_run, dk_run, dv_run in zip(group, *(_unstacked(g, group) for g in grads)):
+                dq_rows[i].copy_(dq_run)
+                dk_rows[i].add_(dk_run)
+                dv_rows[i].add_(dv_run)
         return dq, dk, dv
     for a, b, c, d in query_tiles(kv_start, kv_end):
         if d <= c:
@@ -152,33 +167,42 @@ def block_sparse_attention_backward(
     return dq, dk, dv
 
 
-def _runs_by_shape(runs: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
-    """The non-empty runs, grouped by (queries, keys)."""
-    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-    for a, b, c, d in runs:
+def _query_rows(t: Tensor, runs: Sequence[Run]) -> tuple[Tensor, ...]:
+    """Views of each run's query rows of a query-side tensor (dim 2, also of a (B, H, Lq) lse); the
+    runs partition the queries, so one split makes them all."""
+    return t.split([b - a for a, b, _, _ in runs], dim=2)
+
+
+def _key_rows(t: Tensor, runs: Sequence[Run]) -> tuple[Tensor, ...]:
+    """Views of each run's key rows of k, v or their gradients: one split when the runs' key ranges
+    tile the keys in order (markov, bidirectional), else one narrow per run."""
+    if runs[0][2] == 0 and runs[-1][3] == t.shape[2] and all(r[3] == s[2] for r, s in zip(runs, runs[1:])):
+        return t.split([d - c for _, _, c, d in runs], dim=2)
+    return tuple(t.narrow(2, c, d - c) for _, _, c, d in runs)
+
+
+def _runs_by_shape(runs: Sequence[Run]) -> list[list[int]]:
+    """Indices of the non-empty runs, grouped by (queries, keys)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (a, b, c, d) in enumerate(runs):
         if d > c:
-            groups.setdefault((b - a, d - c), []).append((a, b, c, d))
+            groups.setdefault((b - a, d - c), []).append(i)
     return list(groups.values())
 
 
-def _stacked(group: list[tuple[int, int, int, int]], **tensors: Tensor) -> list[Tensor]:
-    """Each tensor's rows of every run in the group, stacked along the batch dim (the fused CPU
-    kernels take 4-D input only). Query-side tensors take the query rows, k and v the key rows."""
-    stacked = []
-    for name, t in tensors.items():
-        spans = [(c, d) if name in ("k", "v") else (a, b) for a, b, c, d in group]
-        rows = [t[..., a:b, :] if t.ndim == 4 else t[..., a:b] for a, b in spans]
-        stacked.append(rows[0] if len(rows) == 1 else torch.cat(rows))
-    return stacked
+def _stacked(rows: tuple[Tensor, ...], group: list[int]) -> Tensor:
+    """The group's runs of one tensor stacked along the batch dim (the fused CPU kernels take 4-D
+    input only)."""
+    return rows[group[0]] if len(group) == 1 else torch.cat([rows[i] for i in group])
 
 
-def _unstacked(t: Tensor, runs: int) -> tuple[Tensor, ...]:
+def _unstacked(t: Tensor, group: list[int]) -> tuple[Tensor, ...]:
     """The per-run parts of a result stacked by :func:`_stacked`."""
-    return (t,) if runs == 1 else t.chunk(runs)
+    return (t,) if len(group) == 1 else t.chunk(len(group))
 
 
 def _tile_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor,
-               tile: tuple[int, int, int, int]) -> tuple[Tensor, Tensor | None]:
+               tile: Run) -> tuple[Tensor, Tensor | None]:
     """A query tile's additive mask over its keys, in q's dtype and broadcastable to (B, H, rows, keys),
     and its (B or 1, 1, rows) empty rows, None when it has none.
 

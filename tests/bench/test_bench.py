@@ -53,3 +53,22 @@ def test_flex_baseline_sees_the_same_keys():
         flex = attention._flex(start, end, 103, torch.device("cpu"))
         expected = reference.block_sparse_attention(*(t.double() for t in (q, k, v)), start, end)
         torch.testing.assert_close(flex(q, k, v).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_rounds_run_every_step_once_in_shuffled_orders():
+    from kzoo.bench.common import interleaved_times_ms
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times_ms(steps, torch.device("cpu"), warmup=1, iters=12)
+    rounds = [tuple(calls[i:i + 3]) for i in range(3, len(calls), 3)]  # after the warm-up round
+    assert len(rounds) == 12 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len(set(rounds)) > 1  # not one fixed order, in which each step always follows the same one
+    assert {name: len(t) for name, t in times.items()} == {"a": 12, "b": 12, "c": 12}
+
+
+def test_paired_speedup_is_the_median_of_same_round_ratios():
+    from kzoo.bench.common import paired_speedup
+
+    # Round ratios 2, 3, 1: median 2; the ratio of the medians would be 12 / 10 = 1.2.
+    assert paired_speedup([10.0, 30.0, 12.0], [5.0, 10.0, 12.0]) == 2.0

@@ -29,11 +29,16 @@ def layout(name, generator):
     if name == "equal_blocks":  # several runs of one shape: batched together on the CPU path
         start, end = scale_ranges((2, 2, 2, 3, 1), "markov")
         return 22, 22, start, end
-    if name == "mixed_runs":  # short runs (some empty, some of one shape) between long ones
-        runs = [(3, 0, 0), (5, 0, 5), (200, 5, 300), (7, 9, 9), (2, 290, 300), (150, 0, 150), (3, 100, 140)]
+    if name in ("mixed_runs", "tiling_runs"):
+        runs = {
+            # short runs (some empty, some of one shape) between long ones
+            "mixed_runs": [(3, 0, 0), (5, 0, 5), (200, 5, 300), (7, 9, 9), (2, 290, 300), (150, 0, 150), (3, 100, 140)],
+            # key ranges that tile the keys in order, one of them empty: the CPU path splits them
+            "tiling_runs": [(4, 0, 4), (3, 4, 4), (4, 4, 8), (6, 8, 20)],
+        }[name]
         start = torch.cat([torch.full((n,), a) for n, a, _ in runs]).int()
         end = torch.cat([torch.full((n,), b) for n, _, b in runs]).int()
-        return 370, 300, start, end
+        return len(start), int(end.max()), start, end
     if name == "causal":
         return 70, 70, *causal_ranges(70)
     if name == "window":
@@ -161,7 +166,7 @@ def test_triton_matches_reference(name, head_dim, dtype, poison):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [16, 64])
-@pytest.mark.parametrize("name", LAYOUTS + ["mixed_runs", "long_window", "long_random_per_sample"])
+@pytest.mark.parametrize("name", LAYOUTS + ["mixed_runs", "tiling_runs", "long_window", "long_random_per_sample"])
 def test_cpu_path_matches_reference(name, head_dim, dtype, poison):
     with use_backend("auto"):
         check_against_reference(name, head_dim, dtype, "cpu", seed=head_dim + len(name))
@@ -184,7 +189,7 @@ def test_stats_are_the_base2_log_sum_exp_on_every_backend(backend, device, name,
     assert relative_error(stats[finite], expected[finite]) < 1e-6
 
 
-@pytest.mark.parametrize("name,tiles", [("markov", 0), ("block_causal", 0), ("mixed_runs", 0),
+@pytest.mark.parametrize("name,tiles", [("markov", 0), ("block_causal", 0), ("mixed_runs", 0), ("tiling_runs", 0),
                                         ("causal", 1), ("random_per_sample", 1), ("long_window", 3)])
 def test_cpu_path_masks_only_query_tiles(name, tiles, monkeypatch):
     """Scale layouts run per query run, forward and backward, without any mask; other layouts build

@@ -14,9 +14,6 @@ log-sum-exp.
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -47,7 +44,7 @@ def group_rational_backward(
 Run = tuple[int, int, int, int]  # (q_begin, q_end, k_begin, k_end)
 
 
-def segmented(kv_start: Tensor, kv_end: Tensor) -> tuple[Run, ...] | None:
+def segmented(kv_start: Tensor, kv_end: Tensor) -> list[Run] | None:
     """Runs of consecutive queries that share one key range, (q_begin, q_end, k_begin, k_end), when
     per-run dense attention pays (scale layouts: a few runs), else None.
 
@@ -56,21 +53,14 @@ def segmented(kv_start: Tensor, kv_end: Tensor) -> tuple[Run, ...] | None:
     """
     if kv_start.ndim != 1 or kv_start.numel() == 0:
         return None
-    return _runs_of(kv_start.numpy().tobytes(), kv_end.numpy().tobytes())
-
-
-@functools.lru_cache(maxsize=64)
-def _runs_of(starts: bytes, stops: bytes) -> tuple[Run, ...] | None:
-    """:func:`segmented` on the ranges' int32 bytes, cached: a model passes the same ranges to every
-    layer, forward and backward, and right after a large op even this small numpy search costs
-    about 0.1 ms (cold caches)."""
-    starts, stops = np.frombuffer(starts, dtype=np.int32), np.frombuffer(stops, dtype=np.int32)
+    # In numpy: a handful of torch calls on a few hundred elements cost more than a small run's attention.
+    starts, stops = kv_start.numpy(), kv_end.numpy()
     changes = np.flatnonzero((starts[1:] != starts[:-1]) | (stops[1:] != stops[:-1])) + 1
     if len(changes) + 1 > max(32, len(starts) // 16):
         return None
     begins = [0, *changes.tolist()]
     ends = [*changes.tolist(), len(starts)]
-    return tuple((b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends))
+    return [(b, e, int(starts[b]), int(stops[b])) for b, e in zip(begins, ends)]
 
 
 QUERY_TILE = 128  # queries per masked call: causal layouts do ~1.8x less work than one full-width call
@@ -167,13 +157,13 @@ def block_sparse_attention_backward(
     return dq, dk, dv
 
 
-def _query_rows(t: Tensor, runs: Sequence[Run]) -> tuple[Tensor, ...]:
+def _query_rows(t: Tensor, runs: list[Run]) -> tuple[Tensor, ...]:
     """Views of each run's query rows of a query-side tensor (dim 2, also of a (B, H, Lq) lse); the
     runs partition the queries, so one split makes them all."""
     return t.split([b - a for a, b, _, _ in runs], dim=2)
 
 
-def _key_rows(t: Tensor, runs: Sequence[Run]) -> tuple[Tensor, ...]:
+def _key_rows(t: Tensor, runs: list[Run]) -> tuple[Tensor, ...]:
     """Views of each run's key rows of k, v or their gradients: one split when the runs' key ranges
     tile the keys in order (markov, bidirectional), else one narrow per run."""
     if runs[0][2] == 0 and runs[-1][3] == t.shape[2] and all(r[3] == s[2] for r, s in zip(runs, runs[1:])):
@@ -181,7 +171,7 @@ def _key_rows(t: Tensor, runs: Sequence[Run]) -> tuple[Tensor, ...]:
     return tuple(t.narrow(2, c, d - c) for _, _, c, d in runs)
 
 
-def _runs_by_shape(runs: Sequence[Run]) -> list[list[int]]:
+def _runs_by_shape(runs: list[Run]) -> list[list[int]]:
     """Indices of the non-empty runs, grouped by (queries, keys)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (a, b, c, d) in enumerate(runs):

@@ -40,8 +40,8 @@ def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: 
     """Each callable's step times in ms, round by round: every round runs each step once, so that
     drift hits all of them alike.
 
-    The order is shuffled every round: in a fixed order each step always runs right after the same
-    other one, whose traces in caches and the allocator then bias its time.
+    The order is shuffled every round: in a fixed order each step would always run right after the
+    same other one, and inherit the state that one leaves in the caches.
     """
     for _ in range(warmup):
         for step in steps.values():
@@ -66,8 +66,8 @@ def interleaved_median_ms(steps: dict, device: torch.device, warmup: int, iters:
 
 
 def paired_speedup(baseline: list[float], times: list[float]) -> float:
-    """Median over rounds of the baseline's time over the method's time in the same round: the
-    machine's speed drifts between rounds far more than within one."""
+    """Median over rounds of the baseline's time over the method's time in the same round, so that
+    the machine's speed drifting from round to round cancels out of each ratio."""
     return statistics.median(b / t for b, t in zip(baseline, times, strict=True))
 
 

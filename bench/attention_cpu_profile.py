@@ -57,6 +57,7 @@ def main() -> None:
     dense = lambda: F.scaled_dot_product_attention(*other)  # noqa: E731  (the "other large op")
     mask = reference.range_mask(start, end, length)
     runs = cpu.segmented(start, end)
+    plan = cpu.plan(start, end, length)
 
     def call(a, b, c, d):
         return lambda: cpu._flash_forward(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], scale=SCALE)
@@ -78,7 +79,7 @@ def main() -> None:
     steps = {
         "sdpa_per_run": sdpa_per_run, "kernels+concatenation": kernels_and_concatenation,
         "kernels+log_sum_exp": kernels_and_log_sum_exp,
-        "cpu_path": lambda: cpu.block_sparse_attention(q, k, v, start, end, SCALE),
+        "cpu_path": lambda: cpu.block_sparse_attention(q, k, v, start, end, SCALE, plan),
         "op_implementation": lambda: attention._attention_op._init_fn(q, k, v, start, end, SCALE),
         "op": lambda: torch.ops.kzoo.block_sparse_attention(q, k, v, start, end, SCALE),
         "masked_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=SCALE)}

@@ -6,6 +6,7 @@ the backward, each query's log-sum-exp (base 2), the same statistic on every bac
 from __future__ import annotations
 
 import itertools
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -94,6 +95,38 @@ def _check_ranges(kv_start: Tensor, kv_end: Tensor, num_keys: int) -> None:
     raise ValueError(f"block_sparse_attention: range [{first}, {last}) of query {index} is outside [0, {num_keys}]")
 
 
+# --- facts about range tensors, read once ------------------------------------------------------
+
+_Fact = TypeVar("_Fact")
+_MEMO_SIZE = 16  # pairs of range tensors: a model uses a few
+_memo: dict[tuple, tuple] = {}
+
+
+def _remembered(compute: Callable[..., _Fact], kv_start: Tensor, kv_end: Tensor, *args) -> _Fact:
+    """``compute(kv_start, kv_end, *args)``, a fact about the ranges' values, remembered for this
+    pair of tensors until either is modified in place.
+
+    A model passes the same range buffers to every layer at every step, so their values are read
+    (on GPU: synchronised to the host) once, not per call. An in-place change moves a tensor's
+    version counter, which is how autograd checks its saved tensors; as for autograd, a change
+    through ``.data`` or a NumPy view goes unseen. Entries hold their tensors, so that no other
+    tensor can take their ids while remembered. Inference tensors have no version counter: their
+    facts are computed every call.
+    """
+    if kv_start.is_inference() or kv_end.is_inference():
+        return compute(kv_start, kv_end, *args)
+    key = (compute, id(kv_start), id(kv_end), *args)
+    versions = kv_start._version, kv_end._version
+    entry = _memo.get(key)
+    if entry is not None:
+        return entry[3]
+    fact = compute(kv_start, kv_end, *args)  # raises on bad ranges: those are never remembered
+    if len(_memo) >= _MEMO_SIZE:
+        _memo.clear()
+    _memo[key] = (kv_start, kv_end, versions, fact)
+    return fact
+
+
 # --- the op ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("kzoo::block_sparse_attention", mutates_args=())
@@ -102,7 +135,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
     """(out, stats): stats is :func:`reference.attention_log_sum_exp` on every backend (base 2,
     (B, H, Lq) float32), which the backward starts from."""
     _check_inputs(q, k, v, kv_start, kv_end)
-    _check_ranges(kv_start, kv_end, k.shape[2])
+    _remembered(_check_ranges, kv_start, kv_end, k.shape[2])
     backend = resolve(q.device)
     if q.numel() == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
@@ -113,7 +146,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
     if backend == "cpu":
         from . import cpu
 
-        out, lse = cpu.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
+        plan = _remembered(cpu.plan, kv_start, kv_end, k.shape[2])
+        out, lse = cpu.block_sparse_attention(q, k, v, kv_start, kv_end, scale, plan)
         return out.contiguous(), lse.contiguous()
     out = reference.block_sparse_attention(q, k, v, kv_start, kv_end, scale)
     return out.contiguous(), reference.attention_log_sum_exp(q, k, kv_start, kv_end, scale)
@@ -138,7 +172,8 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     if backend == "cpu":
         from . import cpu
 
-        grads = cpu.block_sparse_attention_backward(grad_out, q, k, v, out, stats, kv_start, kv_end, scale)
+        plan = _remembered(cpu.plan, kv_start, kv_end, k.shape[2])
+        grads = cpu.block_sparse_attention_backward(grad_out, q, k, v, out, stats, kv_start, kv_end, scale, plan)
     else:
         grads = reference.block_sparse_attention_backward(grad_out, q, k, v, kv_start, kv_end, scale)
     return tuple(g.contiguous() for g in grads)

@@ -210,6 +210,54 @@ def test_cpu_path_masks_only_query_tiles(name, tiles, monkeypatch):
         assert max(mask.shape[-1] for mask in masks) == 128 + 50
 
 
+def test_ranges_are_read_once_per_pair_of_tensors_until_changed_in_place(monkeypatch):
+    """The range check and the CPU path's plan run once for range tensors used again (as a model's
+    layers use them), forward and backward; an in-place change to either tensor is seen."""
+    from kzoo.kernels import attention, cpu
+
+    calls = []
+    for module, name in ((attention, "_check_ranges"), (cpu, "plan")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    g = torch.Generator().manual_seed(11)
+    start, end = scale_ranges((2, 3, 4), "markov")
+    q, k, v, grad_out = make_inputs(29, 29, 16, torch.float32, "cpu", g)
+    with use_backend("auto"):
+        for _ in range(3):
+            run_op(q, k, v, start, end, grad_out)
+        assert sorted(calls) == ["_check_ranges", "plan"]
+        start.fill_(0)  # now block_causal
+        out, grads = run_op(q, k, v, start, end, grad_out)
+        assert sorted(calls) == ["_check_ranges", "_check_ranges", "plan", "plan"]
+        out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out)
+        assert relative_error(out, out_ref) < 1e-4
+        assert all(relative_error(grad, grad_ref) < 1e-4 for grad, grad_ref in zip(grads, grads_ref))
+        run_op(q, k, v, start.clone(), end, grad_out)  # equal values, another tensor
+        assert len(calls) == 6
+        end[0] = 30
+        for _ in range(2):  # bad ranges are never remembered
+            with pytest.raises(ValueError, match=r"range \[0, 30\) of query \(0,\) is outside \[0, 29\]"):
+                block_sparse_attention(q, k, v, start, end)
+        for _ in range(2 * attention._MEMO_SIZE):  # the memo stays bounded
+            block_sparse_attention(q[..., :1, :], k, v, *causal_ranges(1))
+        assert len(attention._memo) <= attention._MEMO_SIZE
+
+
+def test_inference_tensor_ranges():
+    """Ranges made under inference_mode have no version counter: they are read at every call."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v, _ = make_inputs(29, 29, 16, torch.float32, "cpu", g)
+    with torch.inference_mode():
+        start, end = scale_ranges((2, 3, 4), "markov")
+        with use_backend("auto"):
+            first = block_sparse_attention(q, k, v, start, end)
+            end.fill_(29)
+            start.fill_(0)
+            second = block_sparse_attention(q, k, v, start, end)
+    assert relative_error(first, float64_reference(q, k, v, *scale_ranges((2, 3, 4), "markov"), q)[0]) < 1e-4
+    assert relative_error(second, float64_reference(q, k, v, start, end, q)[0]) < 1e-4
+
+
 @pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("reference", "cpu"), ("triton", TRITON_DEVICE)])
 def test_empty_rows_and_empty_tensors(backend, device):
     q, k, v = (torch.randn(1, 2, 5, 16, device=device) for _ in range(3))

@@ -12,7 +12,7 @@ Block-sparse attention runs ATen's fused CPU attention once per run of queries t
 range, so no Lq x Lk mask is built for scale layouts, and its fused backward from the saved
 log-sum-exp. How a layout is cut into calls (:class:`Plan`) is worked out once per pair of range
 tensors: right after a large op, with the caches cold, the Python that reads the ranges cost about
-a tenth of the attention at the 256px HMAR layout.
+a tenth of the op's time at the 256px HMAR layout.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ Prints, and writes to attention-cpu-profile.json, median milliseconds of:
 * each query run's fused-kernel call, back to back and right after a dense SDPA call;
 * one forward built up layer by layer, all timed in one shuffled rotation with masked SDPA (and
   each layer's speedup over it, the median of same-round ratios): a bare loop of public SDPA calls
-  per run, the ten kernel calls with the output concatenation, plus the log-sum-exp, the CPU path given its plan,
-  the op's implementation (checks, remembered plan, backend choice) and the op;
+  per run, the ten kernel calls with the output concatenation, plus the log-sum-exp, the CPU path
+  given its plan, the op's implementation (checks, remembered plan, backend choice) and the op;
 * the six shortest runs as six calls against one masked call over their 91 tokens;
 * the 169-token run with its queries padded to 192;
 * the op's dispatch on a one-token input against its implementation called directly (microseconds).

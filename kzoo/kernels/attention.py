@@ -118,7 +118,7 @@ def _remembered(compute: Callable[..., _Fact], kv_start: Tensor, kv_end: Tensor,
     key = (compute, id(kv_start), id(kv_end), *args)
     versions = kv_start._version, kv_end._version
     entry = _memo.get(key)
-    if entry is not None:
+    if entry is not None and entry[2] == versions:
         return entry[3]
     fact = compute(kv_start, kv_end, *args)  # raises on bad ranges: those are never remembered
     if len(_memo) >= _MEMO_SIZE:

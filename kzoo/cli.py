@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch size (rational: of the KAT shapes, default 128; attention: 1 on CPU, 4 on GPU; "
                             "models: 16 on CPU, 256 on GPU)")
     bench.add_argument("--repeats", type=int, default=None,
-                       help="timed repeats per measurement, median reported (rational: 5; models: 10 on CPU, 40 on GPU)")
+                       help="timed repeats per measurement, median reported (rational: 5; attention: 5 rounds, "
+                            "on CPU at least 2 s of them per shape and pass; models: 10 on CPU, 40 on GPU)")
     bench.add_argument("--sizes", default=None,
                        help="models: comma-separated KAT/DeiT sizes (default tiny,small,base); attention: "
                             "comma-separated HMAR resolutions (default 256,512 on CPU, 256,512,1024 on GPU)")

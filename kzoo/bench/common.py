@@ -36,9 +36,11 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return 1e3 * statistics.median(times)
 
 
-def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, list[float]]:
+def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: int,
+                         min_seconds: float = 0.0) -> dict[str, list[float]]:
     """Each callable's step times in ms, round by round: every round runs each step once, so that
-    drift hits all of them alike.
+    drift hits all of them alike. At least ``iters`` rounds, and more until the timed steps have
+    taken ``min_seconds``: short steps get enough rounds for a stable median.
 
     The order is shuffled every round: in a fixed order each step would always run right after the
     same other one, and inherit the state that one leaves in the caches.
@@ -48,7 +50,9 @@ def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: 
             step()
     times = {name: [] for name in steps}
     order = random.Random(0)
-    for _ in range(iters):
+    rounds, spent_ms = 0, 0.0
+    while steps and (rounds < iters or spent_ms < 1e3 * min_seconds):
+        rounds += 1
         for name in order.sample(list(steps), len(steps)):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -57,6 +61,7 @@ def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[name].append(1e3 * (time.perf_counter() - start))
+            spent_ms += times[name][-1]
     return times
 
 

@@ -1,5 +1,6 @@
 """The benchmarks run end to end and write their JSON and plot (speed itself is not tested here)."""
 import json
+import time
 
 import torch
 
@@ -29,11 +30,13 @@ def test_models_bench_writes_results(tmp_path):
 def test_attention_bench_writes_results(tmp_path):
     from kzoo.bench import attention
 
-    result = attention.run(torch.device("cpu"), resolutions=(256,), depths=("d16",), repeats=1, out_dir=tmp_path)
+    result = attention.run(torch.device("cpu"), resolutions=(256,), depths=("d16",), repeats=1, out_dir=tmp_path,
+                           min_seconds=0.0)
     payload = json.loads(result["json"].read_text())
     assert [(r["mode"], r["length"], r["allowed_pairs"]) for r in payload["rows"]] == [
         ("markov", 680, 110_468), ("block_causal", 680, 286_434), ("causal", 680, 680 * 681 // 2)]
     for row in payload["rows"]:
+        assert row["rounds"] == {"forward": 1, "forward_backward": 1}
         assert set(row["timings"]) == {"kzoo", "sdpa_masked", "sdpa_dense"}
         assert row["timings"]["sdpa_masked"]["forward_speedup_vs_sdpa_masked"] == 1.0
     assert result["plot"].read_bytes()[:4] == b"\x89PNG"
@@ -65,6 +68,18 @@ def test_interleaved_rounds_run_every_step_once_in_shuffled_orders():
     assert len(rounds) == 12 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
     assert len(set(rounds)) > 1  # not one fixed order, in which each step always follows the same one
     assert {name: len(t) for name, t in times.items()} == {"a": 12, "b": 12, "c": 12}
+
+
+def test_interleaved_rounds_go_on_until_the_time_floor():
+    from kzoo.bench.common import interleaved_times_ms
+
+    steps = {name: (lambda: time.sleep(0.002)) for name in "ab"}
+    times = interleaved_times_ms(steps, torch.device("cpu"), warmup=0, iters=2, min_seconds=0.05)
+    rounds = len(times["a"])
+    assert len(times["b"]) == rounds
+    assert sum(times["a"]) + sum(times["b"]) >= 50.0  # ms
+    # the round before the last still fell short of the floor: no round more than needed
+    assert sum(times["a"][:-1]) + sum(times["b"][:-1]) < 50.0 and rounds > 2
 
 
 def test_paired_speedup_is_the_median_of_same_round_ratios():

@@ -56,8 +56,8 @@ def main() -> None:
     other = [torch.randn_like(q) for _ in range(3)]
     dense = lambda: F.scaled_dot_product_attention(*other)  # noqa: E731  (the "other large op")
     mask = reference.range_mask(start, end, length)
-    runs = cpu.segmented(start, end)
     plan = cpu.plan(start, end, length)
+    runs = plan.blocks  # the query runs: a scale layout
 
     def call(a, b, c, d):
         return lambda: cpu._flash_forward(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], scale=SCALE)

@@ -7,7 +7,9 @@ A checkpoint is a folder ``checkpoints/step-<N>/`` holding
   rng-<rank>.pt       every rank's python/numpy/torch/cuda random streams
 It is written under a temporary name, every file fsync'ed, and renamed into place in one step;
 ``last`` and ``best`` are symlinks swapped by rename. A reader therefore sees a whole checkpoint or
-none, and a kill mid-save leaves the previous one intact.
+none, and a kill mid-save leaves the previous one intact. A step saved a second time (a run stopped
+in an epoch's last step saves it again at the epoch's end) replaces the first copy only after the
+new one is in place; ``CheckpointWriter.recover`` finishes or undoes a replacement a kill cut short.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class Checkpoint:
 
     def rng(self, rank: int) -> dict[str, torch.Tensor] | None:
         file = self.path / f"rng-{rank}.pt"
-        return torch.load(file, weights_only=True) if file.exists() else None
+        return _load_tensors(file, "random-stream state") if file.exists() else None
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -130,11 +132,18 @@ def load(path: str | Path) -> Checkpoint:
     folder = checkpoint_folder(path)
     model, metadata = read_weights(folder / MODEL_FILE)
     ema = read_weights(folder / EMA_FILE)[0] if (folder / EMA_FILE).exists() else None
-    try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or non-tensor files
-        raise ValueError(f"{folder / STATE_FILE}: unreadable training state ({type(error).__name__}: {error})") from None
+    state = _load_tensors(folder / STATE_FILE, "training state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{folder / STATE_FILE}: unreadable training state (a {type(state).__name__}, not a dict)")
     return Checkpoint(folder, model, ema, state, metadata)
+
+
+def _load_tensors(file: Path, what: str):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or non-tensor files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{file}: unreadable {what} ({type(error).__name__}: {reason})") from None
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -169,15 +178,34 @@ class CheckpointWriter:
         atomic_write(staging / STATE_FILE, lambda tmp: torch.save(state, tmp))
         _fsync_dir(staging)
         final = self.root / f"step-{step:08d}"
-        if final.exists():  # the same step saved again (e.g. a resumed run): the new one wins
-            shutil.rmtree(final)
+        replaced = self._replaced(step)
+        if final.exists():  # the same step saved again: set the old copy aside until the new one is in
+            os.replace(final, replaced)
+            _fsync_dir(self.root)
         os.replace(staging, final)
         _fsync_dir(self.root)
         atomic_symlink(self.root / "last", final.name)
         if is_best:
             atomic_symlink(self.root / "best", final.name)
+        shutil.rmtree(replaced, ignore_errors=True)
         self._prune()
         return final
+
+    def _replaced(self, step: int) -> Path:
+        return self.root / f".step-{step:08d}.replaced"
+
+    def recover(self) -> None:
+        """Main rank, before anything is saved: put back a step folder that a kill left set aside,
+        or drop it when its replacement made it in; drop unfinished staging folders."""
+        for replaced in self.root.glob(".step-*.replaced"):
+            final = self.root / replaced.name[1:-len(".replaced")]
+            if final.exists():
+                shutil.rmtree(replaced)
+            else:
+                os.replace(replaced, final)
+                _fsync_dir(self.root)
+        for staging in self.root.glob(".step-*.partial"):
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _prune(self) -> None:
         pinned = {(self.root / name).resolve() for name in ("last", "best") if (self.root / name).exists()}

@@ -14,6 +14,7 @@ class TrainConfig:
     output: str = "runs/train"
     experiment: str = ""
     resume: str = ""
+    strict_resume: bool = False
     device: str | None = None
     seed: int = 42
     epochs: int = 300
@@ -55,7 +56,7 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         values = vars(args)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        extra = {k: v for k, v in values.items() if k not in names and k not in ("run", "command", "task", "config", "leaf_parser")}
+        extra = {k: v for k, v in values.items() if k not in names and k not in ("run", "command", "config", "leaf_parser")}
         return cls(**{k: values[k] for k in names if k in values}, extra=extra)
 
 
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--experiment", default=d.experiment, help="sub-folder of --output for this run")
     run.add_argument("--resume", default=d.resume,
                      help="checkpoint folder to continue from, or 'auto' for the run folder's last checkpoint")
+    run.add_argument("--strict-resume", action="store_true", default=d.strict_resume,
+                     help="refuse to resume when the run cannot continue exactly (another number of ranks, or "
+                          "a training set that changed since the save) instead of warning and going on")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: cuda when available)")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--epochs", type=int, default=d.epochs)

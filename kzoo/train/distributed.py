@@ -66,9 +66,11 @@ def all_sum(context: Context, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def any_rank(context: Context, flag: bool) -> bool:
-    """True on every rank when it is true on any, so all ranks take the same branch."""
-    return all_sum(context, [float(flag)])[0] > 0
+def all_sum_(context: Context, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place, on its device: no host sync under NCCL."""
+    if context.distributed:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def wrap(model: nn.Module, context: Context, *, fsdp: bool) -> nn.Module:
@@ -90,6 +92,12 @@ def wrap(model: nn.Module, context: Context, *, fsdp: bool) -> nn.Module:
         fully_shard(model)
         return model
     if context.distributed:
+        # Non-persistent buffers (attention ranges, say) follow from the configuration and are equal
+        # on every rank. DDP would broadcast them before each forward, which writes them in place:
+        # that moves their version counters and makes the attention op re-plan at every step.
+        persistent = set(model.state_dict())
+        derived = [name for name, _ in model.named_buffers() if name not in persistent]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, derived)
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
     return model

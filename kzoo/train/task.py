@@ -6,6 +6,7 @@ Everything else (devices, distribution, precision, optimizers, checkpoints, reco
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,13 @@ class Task:
     eval_metric: str = "loss"
     higher_is_better: bool = False
 
+    def setup(self, device: torch.device) -> None:
+        """Optional: called once the device is known, before ``build_model``. Frozen parts (a
+        tokenizer, a teacher) are loaded here and kept on the task: they stay outside the optimizer,
+        the EMA, DDP and the checkpoint's weights. Record their weight files in ``model_config()``."""
+
     def build_model(self) -> nn.Module:
+        """The module that trains, and only that."""
         raise NotImplementedError
 
     def model_config(self) -> dict:
@@ -30,6 +37,12 @@ class Task:
         raise NotImplementedError
 
     def val_dataset(self) -> Dataset | None:
+        return None
+
+    def sample_names(self, dataset: Dataset) -> Iterable[str] | None:
+        """Optional: one name per sample of the training set, in index order (e.g. its file path).
+        Checkpoints hold a hash of them, so a resume notices when the data changed under the saved
+        position; without names only the number of samples is compared."""
         return None
 
     def collate(self, samples: list):
@@ -44,5 +57,7 @@ class Task:
         and ranks and divides by the count, so means are exact whatever the sharding."""
         raise NotImplementedError
 
-    def sample(self, model: nn.Module, out_dir: Path, epoch: int) -> None:
-        """Optional: write something to look at (e.g. a sample grid) at the end of each epoch."""
+    def sample(self, model: nn.Module, out_dir: Path | None, epoch: int) -> None:
+        """Optional: something to look at (e.g. a sample grid) at the end of each epoch. Called on
+        every rank, because under FSDP each forward of the sharded model is a collective; rank 0
+        gets the run folder to write into, the other ranks ``None``."""

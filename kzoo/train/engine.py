@@ -156,6 +156,9 @@ class Trainer:
 
         self.state = TrainState()
         self._clock = time.perf_counter()
+        self.samples_per_step = config.batch_size * context.world_size * config.grad_accum_steps
+        self._progress: tqdm | None = None  # the current epoch's bar, and when and at which step it began
+        self._epoch_began = (time.perf_counter(), 0)
 
     def autocast(self):
         return torch.autocast(self.context.device.type, dtype=self.amp_dtype) if self.config.amp else nullcontext()
@@ -259,7 +262,7 @@ class Trainer:
         self.train_sampler.set_epoch(state.epoch, start_batch=state.update_in_epoch * config.grad_accum_steps)
         self._progress = tqdm(total=self.updates_per_epoch, initial=state.update_in_epoch, desc=f"epoch {state.epoch}",
                               disable=not self.context.is_main, dynamic_ncols=True, leave=False)
-        self._tic, self._samples = time.perf_counter(), 0
+        self._epoch_began = (time.perf_counter(), state.step)
         unread: collections.deque[_FinishedStep] = collections.deque()
         stop_requested = False
         with _batches(self.train_loader) as batches:
@@ -301,7 +304,6 @@ class Trainer:
         grad_norm = self._update(skip=numbers[1] > 0)
         self.state.step += 1
         self.state.update_in_epoch += 1
-        self._samples += config.batch_size * self.context.world_size * config.grad_accum_steps
         return _FinishedStep(self.state.step, self.state.epoch,
                              _Readback(torch.cat([numbers, grad_norm.double().reshape(1)])))
 
@@ -351,8 +353,9 @@ class Trainer:
             state.bad_steps = 0
             state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
         if self.context.is_main:
-            rate = self._samples / max(time.perf_counter() - self._tic, 1e-9)
-            if not bad_ranks:
+            began, first_step = self._epoch_began
+            rate = (finished.step - first_step) * self.samples_per_step / max(time.perf_counter() - began, 1e-9)
+            if not bad_ranks and self._progress is not None:
                 self._progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._learning_rate():.2e}",
                                            samples_per_s=f"{rate:.0f}", refresh=False)
             if finished.step % config.log_interval == 0 and not bad_ranks:

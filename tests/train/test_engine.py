@@ -1,4 +1,5 @@
 """The loop on a tiny synthetic task, in-process: faults, accumulation, EMA, AMP, checkpoints."""
+import itertools
 import json
 import multiprocessing
 import os
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from kzoo.train import Task, TrainConfig, TrainingStopped, checkpoint, train
-from kzoo.train.engine import _batches, _ignore_stop_signals
+from kzoo.train.engine import Trainer, TrainState, _batches, _ignore_stop_signals
 from kzoo.train.sampler import SeededSamples, ShardedBatchSampler
 
 
@@ -30,6 +31,9 @@ class Regression(Task):
 
     def train_dataset(self):
         return torch.utils.data.TensorDataset(self.x, self.y)
+
+    def sample_names(self, dataset):
+        return [f"sample-{i}" for i in range(len(dataset))]
 
     def val_dataset(self):
         return torch.utils.data.TensorDataset(self.x[:10], self.y[:10])
@@ -55,17 +59,70 @@ def final_weights(run_dir, name=checkpoint.MODEL_FILE):
     return checkpoint.read_weights(run_dir / "checkpoints" / "last" / name)[0]
 
 
-def test_a_non_finite_loss_is_skipped_and_the_run_goes_on(tmp_path):
-    task = Regression(nan_at={3, 4})
-    assert train(task, config(tmp_path, model_ema=True)) == 0
-    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("opt, skips_on_device", [("adamw", True), ("sgd", False)])
+def test_a_non_finite_loss_is_skipped_and_the_run_goes_on(tmp_path, opt, skips_on_device):
+    """AdamW skips on the device (fused kernel, ``found_inf``), SGD after a host read; both leave the
+    optimizer and the EMA untouched by the skipped steps, the very first one included."""
+    task = Regression(nan_at={1, 3, 4})
+    trainer = Trainer(task, config(tmp_path, model_ema=True, opt=opt, epochs=1), single_process())
+    assert trainer.skips_on_device == skips_on_device
+    first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    batches = iter(trainer.train_loader)
+    trainer.train_sampler.set_epoch(0)
+    with _stop_request() as stop:
+        trainer._account(trainer.train_step(batches, stop))  # step 1: NaN
+    assert all(torch.equal(first[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.module.state_dict().items())
+    assert all(torch.count_nonzero(t) == 0 for s in trainer.optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t)), "a skipped first step left optimizer state behind"
+
+    assert train(Regression(nan_at={1, 3, 4}), config(tmp_path / "run", model_ema=True, opt=opt)) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     skipped = [line for line in lines if "event" in line]
-    assert [line["step"] for line in skipped] == [3, 4] and skipped[1]["consecutive"] == 2
-    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values())
-    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path, checkpoint.EMA_FILE).values())
-    state = checkpoint.load(tmp_path / "checkpoints" / "last").state
+    assert [line["step"] for line in skipped] == [1, 3, 4] and skipped[2]["consecutive"] == 2
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run", checkpoint.EMA_FILE).values())
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last").state
     assert state["step"] == 24 and state["bad_steps"] == 0
     assert all(torch.isfinite(v).all() for s in state["optimizer"]["state"].values() for v in s.values())
+    if skips_on_device:  # Adam counts only the steps it took
+        assert all(s["step"].item() == 24 - 3 for s in state["optimizer"]["state"].values())
+
+
+def single_process():
+    from kzoo.train import distributed
+
+    return distributed.Context(0, 0, 1, torch.device("cpu"))
+
+
+def _stop_request():
+    from kzoo.train.engine import _StopRequest
+
+    return _StopRequest()
+
+
+def test_a_step_never_reads_device_values_on_the_host(tmp_path, monkeypatch):
+    """With an optimizer that skips on the device, a training step queues its work and returns:
+    nothing in it may wait for the device (on a GPU, that stalls the queue every step)."""
+    trainer = Trainer(Regression(nan_at={2}), config(tmp_path, model_ema=True), single_process())
+    assert trainer.skips_on_device
+    trainer.train_sampler.set_epoch(0)
+    batches = iter(list(itertools.islice(trainer.train_loader, 3)))  # loading data is the host's own work
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a training step read a tensor's value on the host")
+
+    finished = []
+    with _stop_request() as stop:
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+                patch.setattr(torch.Tensor, name, host_read)
+            for _ in range(3):
+                finished.append(trainer.train_step(batches, stop))
+    values = [step.numbers.values() for step in finished]
+    assert [v[1] for v in values] == [0.0, 1.0, 0.0]  # the second step's loss was NaN, on 1 rank
+    assert values[0][0] > 0 and values[0][3] > 0 and values[1][0] == 0.0
 
 
 def test_too_many_bad_steps_stop_with_the_last_checkpoint_intact(tmp_path):
@@ -137,6 +194,131 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
 
     with pytest.raises(ValueError, match="a checkpoint of 'regression-mlp', not of 'something-else'"):
         train(Other(), config(tmp_path, resume="auto"))
+
+
+def test_resume_names_every_model_setting_that_differs(tmp_path, capsys):
+    class Wide(Regression):
+        def __init__(self, width, **kwargs):
+            super().__init__(**kwargs)
+            self.width = width
+
+        def build_model(self):
+            return nn.Sequential(nn.Linear(6, self.width), nn.GELU(), nn.Linear(self.width, 1))
+
+        def model_config(self):
+            return {"model": "regression-mlp", "width": self.width, "data_config": {"size": [1, 6]}}
+
+    train(Wide(16), config(tmp_path, epochs=1))
+    with pytest.raises(ValueError) as error:
+        train(Wide(32), config(tmp_path, epochs=2, resume="auto"))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert "saved with another model configuration (width 16 -> 32)" in message
+
+
+def test_a_changed_training_set_is_named_at_resume_and_refused_when_strict(tmp_path, capsys):
+    train(Regression(samples=48), config(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="the training set had 48 samples, now 52 [(]--strict-resume[)]"):
+        train(Regression(samples=52), config(tmp_path, epochs=2, resume="auto", strict_resume=True))
+
+    class Renamed(Regression):
+        def sample_names(self, dataset):
+            return [f"other-{i}" for i in range(len(dataset))]
+
+    with pytest.raises(ValueError, match="file list changed"):
+        train(Renamed(), config(tmp_path, epochs=2, resume="auto", strict_resume=True))
+    capsys.readouterr()
+    assert train(Renamed(), config(tmp_path, epochs=2, resume="auto")) == 0
+    err = capsys.readouterr().err
+    assert "exact resume is no longer possible: the training set's file list changed" in err
+    assert checkpoint.load(tmp_path / "checkpoints" / "last").state["epoch"] == 2
+
+
+def test_resume_auto_refuses_to_start_over_a_dangling_last_link(tmp_path):
+    train(Regression(), config(tmp_path, epochs=1))
+    last = tmp_path / "checkpoints" / "last"
+    target = last.resolve()
+    target.rename(target.with_name("moved-away"))
+    with pytest.raises(ValueError, match=f"{last}: points at {target.name}, which is missing"):
+        train(Regression(), config(tmp_path, epochs=2, resume="auto"))
+
+
+def test_resume_recovers_a_step_that_a_kill_left_set_aside(tmp_path):
+    """The instant between setting the old copy of a re-saved step aside and renaming the new one in."""
+    train(Regression(), config(tmp_path, epochs=1))
+    last = tmp_path / "checkpoints" / "last"
+    target = last.resolve()
+    target.rename(target.with_name(f".{target.name}.replaced"))
+    assert train(Regression(), config(tmp_path, epochs=2, resume="auto")) == 0
+    assert checkpoint.load(last).state["epoch"] == 2
+
+
+@pytest.mark.parametrize("name", ["rng-0.pt", checkpoint.STATE_FILE])
+def test_a_corrupt_checkpoint_file_stops_the_resume_with_its_name(tmp_path, name):
+    train(Regression(), config(tmp_path, epochs=1))
+    broken = (tmp_path / "checkpoints" / "last").resolve() / name
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"^{broken}: unreadable"):
+        train(Regression(), config(tmp_path, epochs=2, resume="auto"))
+
+
+def test_train_state_saves_and_loads_as_one_piece(tmp_path):
+    state = TrainState(step=7, epoch=1, update_in_epoch=2, bad_steps=1, loss_sum=0.5, loss_count=3, best=0.25,
+                       wall_s=9.0)
+    restored = TrainState()
+    restored.load_state_dict(state.state_dict(), tmp_path / "state.pt")
+    assert restored == state
+    with pytest.raises(ValueError, match="state.pt: not a kzoo training state [(]no best, wall_s[)]"):
+        TrainState().load_state_dict({k: v for k, v in state.state_dict().items() if k not in ("best", "wall_s")},
+                                     tmp_path / "state.pt")
+
+
+def test_with_ema_both_models_are_evaluated_once_per_epoch_and_the_ema_picks_the_best(tmp_path, monkeypatch):
+    from kzoo.train import engine
+
+    evaluated = []
+    real = engine.evaluate
+
+    def counting(eval_sums, model, *args, **kwargs):
+        evaluated.append(kwargs["desc"])
+        return real(eval_sums, model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", counting)
+    train(Regression(), config(tmp_path, model_ema=True, model_ema_decay=0.5))
+    assert evaluated == ["eval", "eval EMA"] * 2
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,eval_loss,eval_loss_ema,lr"
+    raw, ema = (float(v) for v in rows[-1].split(",")[2:4])
+    assert raw != ema
+    best = min(range(2), key=lambda i: float(rows[1 + i].split(",")[3]))
+    assert checkpoint.load(tmp_path / "checkpoints" / "best").state["epoch"] == best + 1
+
+
+def test_frozen_parts_set_up_by_the_task_stay_out_of_training(tmp_path):
+    """A family's frozen part (HMAR's tokenizer, say) lives on the task: it is not optimised, not in
+    the EMA, not in the checkpoint's weights, and unchanged by training."""
+
+    class WithFrozenEncoder(Regression):
+        def setup(self, device):
+            assert not hasattr(self, "built"), "setup must come before build_model"
+            self.encoder = nn.Linear(6, 6).to(device).requires_grad_(False)
+            self.encoder_before = self.encoder.weight.clone()
+            self.device_seen = device
+
+        def build_model(self):
+            self.built = True
+            return super().build_model()
+
+        def train_loss(self, model, batch):
+            return nn.functional.mse_loss(model(self.encoder(batch[0])), batch[1])
+
+    task = WithFrozenEncoder()
+    assert train(task, config(tmp_path, model_ema=True, epochs=1)) == 0
+    assert task.device_seen == torch.device("cpu")
+    assert torch.equal(task.encoder.weight, task.encoder_before)
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last")
+    assert set(saved.model) == set(saved.ema) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    assert len(saved.state["optimizer"]["state"]) == 4
 
 
 def test_too_little_data_for_one_step(tmp_path):

@@ -6,10 +6,23 @@ import sys
 from pathlib import Path
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _device(name: str | None):
+    """The torch.device named by --device (default: cuda when torch sees a GPU, else cpu)."""
     import torch
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch's parser of device strings
+        raise ValueError(f"--device {name}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine")
+    return device
+
+
+def _bench(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     if args.what == "rational":
         from kzoo.bench import rational as bench
 
@@ -31,10 +44,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     import kzoo  # noqa: F401  (registers the models with timm)
-    from kzoo.demo import classify, rational_demo, sample_images
+    from kzoo import demo
 
-    status = classify(args.model, args.checkpoint, [Path(p) for p in args.images] or sample_images())
-    return rational_demo(Path(args.out)) or status
+    return demo.run([Path(p) for p in args.images], args.model, args.checkpoint, Path(args.out))
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -48,9 +60,9 @@ def _data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import kzoo  # noqa: F401  (registers the models with timm)
     from kzoo.train import TrainConfig, train
-    from kzoo.train.tasks.classify import ClassifyTask
+    from kzoo.train.tasks import task_module
 
-    return train(ClassifyTask(args), TrainConfig.from_args(args))
+    return train(task_module(args.task).TASK(args), TrainConfig.from_args(args))
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -90,28 +102,45 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(run=_data)
 
     from kzoo.train.config import add_arguments as add_loop_arguments
-    from kzoo.train.tasks import classify
+    from kzoo.train.tasks import TASKS, classify, task_module
 
     train = commands.add_parser("train", help="train a model family with the shared loop (torchrun-ready)")
     tasks = train.add_subparsers(dest="task", required=True)
-    classify_parser = tasks.add_parser(
-        "classify", help="image classification on an ImageFolder tree (KAT or any timm model)",
-        description="Flags follow timm's train.py. Launch with torchrun -m kzoo train classify ... for DDP.")
-    add_loop_arguments(classify_parser)
-    classify.add_arguments(classify_parser)
-    classify_parser.set_defaults(run=_train, leaf_parser=classify_parser)
+    for name in TASKS:
+        module = task_module(name)
+        task_parser = tasks.add_parser(name, help=module.HELP, description=(
+            f"{module.HELP}. Flags follow timm's train.py. Launch with torchrun -m kzoo train {name} ... "
+            "for many processes."))
+        add_loop_arguments(task_parser)
+        module.add_arguments(task_parser)
+        task_parser.set_defaults(run=_train, leaf_parser=task_parser)
 
     validate = commands.add_parser("validate", help="top-1/top-5 of a checkpoint on an ImageFolder split")
     classify.add_validate_arguments(validate)
     validate.set_defaults(run=_validate)
 
-    demo = commands.add_parser("demo", help="classify images with a KAT model, then show its activation")
-    demo.add_argument("images", nargs="*", help="images to classify (default: photos shipped with matplotlib)")
-    demo.add_argument("--model", default="kat_base", help="timm model name (default: kat_base)")
-    demo.add_argument("--checkpoint", default=None, help="local weights file, e.g. the official KAT .pth")
+    demo = commands.add_parser(
+        "demo", help="classify MNIST digits with the KAT bundled with kzoo, then show its activation",
+        description="Without --model or --checkpoint, the MNIST KAT bundled with kzoo classifies the bundled "
+                    "MNIST test digits (or IMAGES, as 28x28 grayscale digits).")
+    demo.add_argument("images", nargs="*",
+                      help="images to classify (default: the bundled MNIST digits for a grayscale model, "
+                           "else two photos shipped with matplotlib)")
+    demo.add_argument("--model", default=None,
+                      help="a timm model instead (e.g. kat_base): random weights, or those of --checkpoint")
+    demo.add_argument("--checkpoint", default=None,
+                      help="a kzoo checkpoint (folder or .safetensors), or third-party weights for --model "
+                           "such as the official KAT .pth")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's pictures")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _one_line(error: Exception) -> str:
+    """The first line of the error's text; an OSError's text names its path ("[Errno 13] Permission
+    denied: 'out'"). kzoo checks a file exists before timm reads it, since timm's loaders raise a bare
+    ``FileNotFoundError()``; should one slip through, its type stands in for the missing text."""
+    return (str(error).splitlines() or [""])[0] or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             apply_config_file(args.leaf_parser, args.config)
             args = parser.parse_args(argv)
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: one line, no traceback
-        print(f"kzoo {args.command}: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad input: one line, no traceback
+        print(f"kzoo {args.command}: {_one_line(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         from kzoo.train import TrainingStopped

@@ -1,17 +1,39 @@
-"""``kzoo demo`` (what ``make demo`` runs): a KAT classifier through timm, then the activation."""
+"""``kzoo demo`` (what ``make demo`` runs): the MNIST KAT bundled with kzoo classifies real MNIST test
+digits, then the activation presets and one forward+backward pass of the activation are checked
+against the reference.
+
+With ``--model`` or ``--checkpoint`` the classifier is any timm model instead (random weights, a
+kzoo checkpoint, or third-party weights such as the official KAT .pth), on photos or given images.
+"""
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
 import time
 from pathlib import Path
 
+import timm
 import torch
-import torch.nn.functional as F
+from PIL import Image
+from timm.data import ImageNetInfo, resolve_data_config
+from torch import nn
 
 from kzoo.kernels import reference, use_backend
-from kzoo.models.layers import RATIONAL_INITS, GroupRational
+from kzoo.models.layers import RATIONAL_INITS, RATIONAL_TARGETS, GroupRational
+from kzoo.train.tasks.classify import check_model_name, eval_transform, load_classifier
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_MODEL = ASSETS / "kat_mnist.safetensors"
+BUNDLED_DIGITS = ASSETS / "mnist_digits"
 
 
-def sample_images() -> list[Path]:
+def bundled_digits() -> dict[Path, int]:
+    """The bundled MNIST test digits and their labels, from the file names ``<label>_<test index>.png``."""
+    return {path: int(path.name.split("_")[0]) for path in sorted(BUNDLED_DIGITS.glob("*.png"))}
+
+
+def sample_photos() -> list[Path]:
     """Photos that ship inside matplotlib's wheel (a kzoo dependency), so the demo needs no download."""
     import matplotlib
 
@@ -19,42 +41,103 @@ def sample_images() -> list[Path]:
     return [folder / "grace_hopper.jpg", folder / "Minduka_Present_Blue_Pack.png"]
 
 
-def classify(model_name: str, checkpoint: str | None, images: list[Path], top: int = 5) -> int:
-    """Print the top-k ImageNet classes per image; a bad file is reported and skipped. Returns an exit code."""
-    import timm
-    from PIL import Image
-    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+def import_cpp_extension_without_cuda_warning() -> None:
+    """Inductor's CPU code generation (the fused activation) imports torch.utils.cpp_extension, whose
+    import logs "No CUDA runtime is found" whenever a CUDA toolkit is installed (nvcc on PATH or
+    CUDA_HOME) but no GPU is visible: true of many CPU machines, and no news to a demo running on one.
+    Importing it here first with only that module's logger raised keeps every other warning."""
+    if torch.cuda.is_available():
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        logger.setLevel(level)
 
-    if checkpoint:
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
-        print(f"{model_name} with weights from {checkpoint}")
+
+def load_model(model_name: str | None, checkpoint: str | None) -> tuple[nn.Module, dict]:
+    """(model, data config): the bundled MNIST KAT when neither is given, else a kzoo checkpoint,
+    third-party weights for ``model_name``, or ``model_name`` with random weights."""
+    if checkpoint is None and model_name is None:
+        name, model, data_config = load_classifier(BUNDLED_MODEL)
+        print(f"{name} trained on MNIST, bundled with kzoo ({BUNDLED_MODEL.name})")
+    elif checkpoint is not None:
+        name, model, data_config = load_classifier(checkpoint, model_name)
+        print(f"{name} with weights from {checkpoint}")
     else:
+        check_model_name(model_name)
         torch.manual_seed(0)
-        model = timm.create_model(model_name)
-        print(f"{model_name}: no --checkpoint given, so the weights are random and the classes below mean "
+        name, model = model_name, timm.create_model(model_name)
+        data_config = resolve_data_config({}, model=model)
+        print(f"{name}: no --checkpoint given, so the weights are random and the classes below mean "
               f"nothing; pass --checkpoint PATH with the official KAT weights (.pth or .safetensors)")
-    model.eval()
-    transform = create_transform(**resolve_data_config({}, model=model))
-    labels = ImageNetInfo()
-    print(f"  {sum(p.numel() for p in model.parameters()):,} parameters, input {model.pretrained_cfg['input_size']}")
-    failures = 0
+    print(f"  {sum(p.numel() for p in model.parameters()):,} parameters, input {tuple(data_config['input_size'])}")
+    return model.eval(), data_config
+
+
+def classify(model: nn.Module, data_config: dict, images: list[Path], labels: dict[Path, int],
+             grid: Path) -> int:
+    """Print each image's top class and its probability (with the label and the accuracy, where
+    labels are known) and draw them all into ``grid``. An unreadable image is reported on one line
+    and skipped. Returns an exit code."""
+    mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+    read, pictures = [], []
     for path in images:
         try:
             with Image.open(path) as image:
-                batch = transform(image.convert("RGB")).unsqueeze(0)
-        except (OSError, ValueError) as error:
-            print(f"  {path}: cannot read image ({error})")
-            failures += 1
-            continue
+                pictures.append(image.convert(mode))
+            read.append(path)
+        except (OSError, Image.DecompressionBombError) as error:
+            reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+            print(f"kzoo demo: {path}: cannot read image ({reason})", file=sys.stderr)
+    if read:
+        transform = eval_transform(data_config)
         with torch.inference_mode():
-            probabilities = model(batch).softmax(-1)[0]
-        values, indices = probabilities.topk(top)
-        print(f"  {path.name}:")
-        for p, i in zip(values.tolist(), indices.tolist()):
-            print(f"    {p:6.2%}  {labels.index_to_description(i)}")
-    return 1 if failures else 0
+            probabilities = model(torch.stack([transform(p) for p in pictures])).softmax(-1)
+        top, classes = probabilities.max(-1)
+        # 1000 classes are ImageNet's; other classes are shown by index (an MNIST class is its digit).
+        describe = ImageNetInfo().index_to_description if probabilities.shape[-1] == 1000 else str
+        predicted = [describe(i) for i in classes.tolist()]
+        known = [labels.get(path) for path in read]
+        width = max(len(path.name) for path in read)
+        labelled = any(label is not None for label in known)
+        print(f"  {'file':{width}s}  {'label  ' if labelled else ''}probability  predicted")
+        for path, label, p, name in zip(read, known, top.tolist(), predicted):
+            wrong = label is not None and str(label) != name
+            print(f"  {path.name:{width}s}  {f'{label:5d}  ' if labelled else ''}{p:11.1%}  {name}"
+                  f"{'  <- wrong' if wrong else ''}")
+        scored = [str(label) == name for label, name in zip(known, predicted) if label is not None]
+        if scored:
+            print(f"  accuracy {sum(scored)}/{len(scored)}")
+        _plot_predictions(grid, pictures, predicted, top.tolist(), known)
+        print(f"  pictures: {grid}")
+    return 0 if len(read) == len(images) else 1
 
-TARGETS = {"identity": lambda x: x, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+def _plot_predictions(path: Path, pictures: list, predicted: list[str], probabilities: list[float],
+                      labels: list[int | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(8, len(pictures))
+    rows = -(-len(pictures) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.45 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, picture, name, p, label in zip(axes.flat, pictures, predicted, probabilities, labels):
+        ax.imshow(picture, cmap="gray" if picture.mode == "L" else None)
+        wrong = label is not None and str(label) != name
+        ax.set_title(f"{name[:20]} {p:.0%}" + (f" (is {label})" if wrong else ""), fontsize=7,
+                     color="C3" if wrong else "k")
+    fig.suptitle("predicted class and probability (red: wrong)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot_presets(path: Path, x: torch.Tensor, curves: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -93,7 +176,7 @@ def rational_demo(out_dir: Path) -> int:
         act = GroupRational(num_groups=1, init=name)
         with torch.no_grad():
             rational = act(x[:, None])[:, 0]
-        target = TARGETS[name](x)
+        target = RATIONAL_TARGETS[name](x)
         curves[name] = (rational, target)
         print(f"  {name:9s} {(rational - target).abs().max().item():.2e}")
     plot = out_dir / "rational_presets.png"
@@ -124,3 +207,14 @@ def rational_demo(out_dir: Path) -> int:
     print(f"  max |dx(default) - dx(reference)| = {(fast[1] - ref[1]).abs().max().item():.1e}, "
           f"denominator grads agree to {(fast[2] - ref[2]).abs().max().item():.1e}")
     return 0
+
+
+def run(images: list[Path], model_name: str | None, checkpoint: str | None, out_dir: Path) -> int:
+    """The whole demo; returns its exit code (1 when an image could not be read)."""
+    import_cpp_extension_without_cuda_warning()
+    model, data_config = load_model(model_name, checkpoint)
+    labels = bundled_digits() if not images and data_config["input_size"][0] == 1 else {}
+    # Default images: the bundled digits for a grayscale model (the MNIST KAT), the photos otherwise.
+    images = images or list(labels) or sample_photos()
+    status = classify(model, data_config, images, labels, out_dir / "predictions.png")
+    return rational_demo(out_dir) or status

@@ -65,6 +65,9 @@ def run(device: torch.device, sizes=None, batch: int | None = None, warmup: int 
         iters: int | None = None, out_dir: Path = Path("bench/results")) -> dict:
     on_gpu = device.type == "cuda"
     sizes = sizes or ("tiny", "small", "base")
+    unknown = [size for size in sizes if size not in PAIRS]
+    if unknown:
+        raise ValueError(f"size {unknown[0]!r} is not one of {', '.join(PAIRS)}")
     batch = batch or (256 if on_gpu else 16)
     warmup = warmup or (10 if on_gpu else 3)
     iters = iters or (40 if on_gpu else 10)

@@ -1,13 +1,16 @@
 """ImageFolder trees through timm's ``create_dataset``, with unreadable files skipped by name.
 
-timm already skips an image it cannot decode, but its warning gives only the index. Here timm is
-asked to give up at once instead, and the skip happens one level up, where the file name is known.
+timm's own dataset skips an image it cannot decode, but its warning gives only the index. So timm
+is asked for the undecoded bytes (its public ``load_bytes``), and decoding happens here, where the
+file name is known.
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
+from PIL import Image
 from timm.data import create_dataset
 from torch.utils.data import Dataset
 
@@ -17,11 +20,13 @@ MAX_CONSECUTIVE_SKIPS = 16
 
 
 class SkipUnreadable(Dataset):
-    """``dataset[index]``, or the next readable sample, with a warning naming each skipped file."""
+    """``(transform(image), class)`` for ``index``, or for the next readable file, with a warning
+    naming each skipped file. ``dataset`` is a timm ImageDataset created with ``load_bytes=True``."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, transform=None, input_img_mode: str = "RGB"):
         self.dataset = dataset
-        self.dataset._max_retries = 1  # timm then raises "Failed to load" instead of skipping silently
+        self.transform = transform
+        self.input_img_mode = input_img_mode
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -29,12 +34,14 @@ class SkipUnreadable(Dataset):
     def __getitem__(self, index: int):
         for attempt in range(MAX_CONSECUTIVE_SKIPS):
             candidate = (index + attempt) % len(self.dataset)
+            data, target = self.dataset[candidate]
             try:
-                return self.dataset[candidate]
-            except (OSError, RuntimeError) as error:
-                if isinstance(error, RuntimeError) and not str(error).startswith("Failed to load"):
-                    raise
+                with Image.open(io.BytesIO(data)) as image:
+                    image = image.convert(self.input_img_mode)  # decodes every pixel: truncated files fail here
+            except OSError:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
                 log.warning("skipped unreadable image %s", self.dataset.filename(candidate, absolute=True))
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
         raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive unreadable images from "
                            f"{self.dataset.filename(index, absolute=True)} on")
 
@@ -45,8 +52,7 @@ def image_folder(root: str | Path, split: str, *, transform=None, input_img_mode
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such dataset folder (expected {split}/<class>/<images>)")
     try:
-        dataset = create_dataset("", root=str(folder), split=split, is_training=False,
-                                 transform=transform, input_img_mode=input_img_mode)
+        dataset = create_dataset("", root=str(folder), split=split, is_training=False, load_bytes=True)
     except RuntimeError as error:  # timm: "Found 0 images in subfolders of ..."
         raise ValueError(f"{folder}: {error}".splitlines()[0]) from None
-    return SkipUnreadable(dataset)
+    return SkipUnreadable(dataset, transform, input_img_mode)

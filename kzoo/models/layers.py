@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kzoo.kernels import reference
@@ -31,6 +33,11 @@ RATIONAL_INITS: dict[str, tuple[list[float], list[float]]] = {
          4.20816008540011, 2.3433850610659883, 0.4147299792981999],
         [0.269490960086726, 7.92110021716846, 0.30067622183838, -0.7734554883002527],
     ),
+}
+
+# The function each preset approximates on [-3, 3].
+RATIONAL_TARGETS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
 }
 
 

@@ -181,8 +181,6 @@ def test_official_checkpoint_round_trip(tmp_path, wrapper):
                                pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = torch.randn(2, 3, 224, 224)
     torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
-    result = loaded.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
 
     resized = timm.create_model("kat_tiny_patch16_224", depth=3, img_size=96, num_classes=10, pretrained=True,
                                 pretrained_cfg_overlay=dict(file=str(path)))

@@ -11,12 +11,14 @@ Paper: https://arxiv.org/abs/2409.10594. Official code: https://github.com/Adamd
 from __future__ import annotations
 
 import math
+import pickle
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
 from timm.models._helpers import clean_state_dict
 from timm.models._registry import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
@@ -94,7 +96,9 @@ _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a local .safetensors or .pth/.bin checkpoint, without unpickling objects.
+    """The weights in a local .safetensors or .pth/.bin checkpoint of any timm model: EMA weights
+    first, training wrappers and DDP prefixes removed. Read by timm's loader with weights_only=True
+    passed explicitly, so a file that pickles anything but tensors and plain containers is refused.
 
     Raises ValueError naming the file when it is missing or cannot be read.
     """
@@ -102,13 +106,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or foreign files fail in many ways; name the file once
-        raise ValueError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from None
+        return load_state_dict(str(path), weights_only=True)
+    # What torch, timm and safetensors raise for a corrupt file, a refused pickle (RuntimeError from
+    # timm, which names the refused globals), or content that is not a mapping (AttributeError).
+    except (OSError, EOFError, RuntimeError, AttributeError, pickle.UnpicklingError, SafetensorError) as error:
+        reason = (str(error).splitlines() or [""])[0] or "empty or cut short"
+        raise ValueError(f"{path}: cannot read checkpoint ({type(error).__name__}: {reason})") from None
 
 
 def _unwrap(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -189,11 +192,14 @@ def _create_kat(variant: str, pretrained: bool = False, act_init: str = "swish",
     out_indices = kwargs.pop("out_indices", 3)
     filter_fn = checkpoint_filter_fn
     if pretrained:
-        file = _local_weights(variant, kwargs)
-        state_dict = load_checkpoint_file(file)
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, state_dict=state_dict)
+        overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+        if "state_dict" in overlay:  # weights read by the caller are used as given, as timm's loader does
+            source = str(overlay.get("file") or "state_dict")
+        else:
+            source = _local_weights(variant, kwargs)
+            overlay["state_dict"] = load_checkpoint_file(source)
         kwargs["pretrained_cfg_overlay"] = overlay
-        filter_fn = partial(checkpoint_filter_fn, source=file)
+        filter_fn = partial(checkpoint_filter_fn, source=source)
     return build_model_with_cfg(
         KAT, variant, pretrained,
         pretrained_filter_fn=filter_fn,

@@ -20,9 +20,13 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from kzoo.data.folder import image_folder
+from kzoo.models.kat import load_checkpoint_file
 from kzoo.train import checkpoint, distributed
 from kzoo.train.engine import evaluate
 from kzoo.train.task import Task
+
+
+HELP = "image classification on an ImageFolder tree (KAT or any timm model)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +83,7 @@ def _data_config(model_name: str, values: dict) -> dict:
                                pretrained_cfg=cfg.to_dict() if cfg else {})
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r} (see timm.list_models('kat*'))")
 
@@ -90,7 +94,7 @@ class ClassifyTask(Task):
     def __init__(self, args: argparse.Namespace):
         if not args.data_dir:
             raise ValueError("--data-dir is required (an ImageFolder root with train/ and val/)")
-        _check_model_name(args.model)
+        check_model_name(args.model)
         self.args = args
         self.num_classes = args.num_classes
         self.data_config = _data_config(args.model, dict(
@@ -130,6 +134,9 @@ class ClassifyTask(Task):
         return image_folder(self.args.data_dir, self.args.val_split, transform=eval_transform(self.data_config),
                             input_img_mode=self.img_mode)
 
+    def sample_names(self, dataset):
+        return dataset.dataset.filenames()  # relative paths, class folder included
+
     def model_config(self) -> dict:
         a = self.args
         return dict(model=a.model, data_config=self.data_config,
@@ -159,15 +166,13 @@ class ClassifyTask(Task):
         return classification_sums(model, batch)
 
 
+TASK = ClassifyTask
+
+
 def _classes_in(path: str | Path, model_name: str) -> int | None:
     """Rows of the classifier in a weights file, so timm keeps that head when they match
     --num-classes (fine-tuning on the same classes) and drops it otherwise."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    try:
-        state_dict = timm.models.load_state_dict(str(path))  # weights_only loading
-    except Exception as error:  # corrupt or non-tensor files raise many types
-        raise ValueError(f"{path}: unreadable weights file ({type(error).__name__})") from None
+    state_dict = load_checkpoint_file(path)
     cfg = get_pretrained_cfg(model_name)
     head = state_dict.get(f"{cfg.classifier}.weight") if cfg and isinstance(cfg.classifier, str) else None
     return None if head is None else head.shape[0]
@@ -210,41 +215,57 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-file", default="", help="append the CSV row here (header when new)")
 
 
-def _load_for_validation(args: argparse.Namespace) -> tuple[str, nn.Module, dict]:
-    path = Path(args.checkpoint)
-    kzoo_format = path.is_dir() or path.suffix == ".safetensors"
-    if kzoo_format:
-        weights, metadata = checkpoint.read_weights(path / checkpoint.EMA_FILE if args.use_ema and path.is_dir()
-                                                    else path)
-        if metadata.get("format") != "kzoo":
-            kzoo_format = False
-    if not kzoo_format:  # third-party weights (e.g. the official KAT .pth): timm's loader, weights only
-        if not args.model:
-            raise ValueError(f"{path}: not a kzoo checkpoint, so --model is required")
-        _check_model_name(args.model)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such weights file")
-        kwargs = _model_kwargs(args.num_classes, args.in_chans, args.img_size, {})
-        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        return args.model, model, _data_config(args.model, dict(
-            in_chans=args.in_chans, img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation))
-    config = json.loads(metadata["config"])
-    name = config.pop("model")
-    if args.model and args.model != name:
-        raise ValueError(f"{path}: a checkpoint of {name}, not of {args.model}")
-    data_config = config.pop("data_config")
-    data_config.update({k: v for k, v in (("crop_pct", args.crop_pct), ("interpolation", args.interpolation)) if v})
-    model = timm.create_model(name, **config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not fit {name} (missing {len(missing)} keys, e.g. {missing[:2]}; "
-                         f"unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
-    return name, model, data_config
+def create_with_weights(name: str, path: str | Path, **kwargs) -> nn.Module:
+    """timm model ``name`` with third-party weights from a local file (e.g. the official KAT .pth),
+    through timm's pretrained loading, so that the family's checkpoint filter adapts the keys. The
+    file is read once, weights only; a file that does not fit is a ValueError naming it."""
+    check_model_name(name)
+    state_dict = load_checkpoint_file(path)
+    overlay = dict(file=str(path), state_dict=state_dict)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as error:
+        # torch's load_state_dict on keys or shapes that do not fit: the file's fault. Any other
+        # RuntimeError is not, and keeps its traceback.
+        if not str(error).startswith("Error(s) in loading state_dict"):
+            raise
+        detail = " ".join(str(error).split())
+        raise ValueError(f"{path}: does not fit {name} ({detail[:300]}{'...' if len(detail) > 300 else ''})") from None
+
+
+def load_classifier(path: str | Path, model_name: str | None = None, *, use_ema: bool = False,
+                    **model_kwargs) -> tuple[str, nn.Module, dict]:
+    """(name, model, data config) of a kzoo checkpoint (a folder or .safetensors: the model is rebuilt
+    from the ``model_config()`` in its metadata), or of third-party weights for ``model_name``, which
+    is then built with ``model_kwargs`` and timm's data config."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        weights, metadata = checkpoint.read_weights(path / checkpoint.EMA_FILE if use_ema and path.is_dir() else path)
+        if metadata.get("format") == "kzoo":
+            config = json.loads(metadata["config"])
+            name = config.pop("model")
+            if model_name and model_name != name:
+                raise ValueError(f"{path}: a checkpoint of {name}, not of {model_name}")
+            data_config = config.pop("data_config")
+            model = timm.create_model(name, **config)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{path}: does not fit {name} (missing {len(missing)} keys, e.g. {missing[:2]}; "
+                                 f"unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
+            return name, model, data_config
+    if not model_name:
+        raise ValueError(f"{path}: not a kzoo checkpoint, so --model is required")
+    model = create_with_weights(model_name, path, **model_kwargs)
+    return model_name, model, _data_config(model_name, dict(in_chans=model_kwargs.get("in_chans"),
+                                                            img_size=model_kwargs.get("img_size")))
 
 
 def validate(args: argparse.Namespace) -> int:
     """Top-1/top-5 of a checkpoint on an ImageFolder split; prints and appends timm validate.py's row."""
-    name, model, data_config = _load_for_validation(args)
+    name, model, data_config = load_classifier(
+        args.checkpoint, args.model, use_ema=args.use_ema,
+        **_model_kwargs(args.num_classes, args.in_chans, args.img_size, {}))
+    data_config.update({k: v for k, v in (("crop_pct", args.crop_pct), ("interpolation", args.interpolation)) if v})
     context = distributed.setup(args.device)
     dataset = image_folder(args.data_dir, args.split, transform=eval_transform(data_config),
                            input_img_mode="L" if data_config["input_size"][0] == 1 else "RGB")

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from kzoo.cli import build_parser, main
@@ -110,7 +112,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(data, reference_run
     assert max_difference(weights(reference_run, checkpoint.EMA_FILE), weights(run, checkpoint.EMA_FILE)) < 1e-6
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
-    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_loss_ema",
+                             "eval_top1_ema", "eval_top5_ema", "lr"]
     assert (run / "summary.csv").read_text() == (reference_run / "summary.csv").read_text()
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()
              if "train_loss" not in line]
@@ -138,6 +141,9 @@ def test_run_outputs(reference_run):
     assert {"blocks.0.mlp.act2.weight_numerator", "blocks.1.mlp.act1.weight_denominator", "blocks.0.norm1.weight",
             "blocks.0.mlp.fc1.bias", "cls_token", "pos_embed"} <= spared
     assert "blocks.0.mlp.fc1.weight" in decayed
+    assert state["data"]["num_samples"] == 40 and len(state["data"]["fingerprint"]) == 32
+    recorded = yaml.safe_load((reference_run / "args.yaml").read_text())  # plain values only, no classes
+    assert recorded["extra"]["task"] == "classify" and recorded["extra"]["model"] == "kat_tiny_swish_patch16_224"
     line = json.loads((reference_run / "log.jsonl").read_text().splitlines()[0])
     assert set(line) == {"step", "epoch", "loss", "lr", "grad_norm", "samples_per_sec", "max_memory_mb"}
 
@@ -150,8 +156,8 @@ def test_validate_reproduces_the_runs_own_evaluation(data, reference_run, tmp_pa
     assert list(row) == ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                          "interpolation"]
     last_epoch = list(csv.DictReader(open(reference_run / "summary.csv")))[-1]
-    assert float(row["top1"]) == pytest.approx(float(last_epoch["eval_top1"]), abs=1e-3)
-    assert float(row["top5"]) == pytest.approx(float(last_epoch["eval_top5"]), abs=1e-3)
+    assert float(row["top1"]) == pytest.approx(float(last_epoch["eval_top1_ema"]), abs=1e-3)
+    assert float(row["top5"]) == pytest.approx(float(last_epoch["eval_top5_ema"]), abs=1e-3)
     assert row["img_size"] == "32" and "top1,top1_err" in capsys.readouterr().out
 
 
@@ -171,6 +177,20 @@ def test_pretrained_path_starts_from_those_weights(data, reference_run, tmp_path
     assert loaded["head.weight"].shape[0] == 6
     assert max_difference({k: v for k, v in loaded.items() if not k.startswith("head.")},
                           {k: v for k, v in trunk.items() if not k.startswith("head.")}) == 0.0
+
+
+def test_one_image_added_to_the_tree_is_named_at_resume(data, reference_run, tmp_path, capsys):
+    """The saved data position indexes a file list; one more file shifts it, so exact resume is gone."""
+    grown = tmp_path / "grown"
+    shutil.copytree(data, grown)
+    shutil.copy(grown / "train" / "class_1" / "0.png", grown / "train" / "class_1" / "extra.png")
+    common = ["train", "classify", "--data-dir", str(grown), *TINY_KAT, *RANDOM_RECIPE, "--epochs", str(EPOCHS),
+              "--workers", "0", "--resume", str(reference_run / "checkpoints" / "last")]
+    assert main(common + ["--output", str(tmp_path / "strict"), "--strict-resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the training set had 40 samples, now 41 (--strict-resume)" in err
+    assert main(common + ["--output", str(tmp_path / "lenient")]) == 0  # every epoch is done: nothing to train
+    assert "exact resume is no longer possible: the training set had 40 samples, now 41" in capsys.readouterr().err
 
 
 def test_validate_refuses_a_checkpoint_of_another_model(data, reference_run, capsys):
@@ -243,9 +263,23 @@ def classify_parser():
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_use_only_known_flags(config):
-    _, leaf = classify_parser()
-    apply_config_file(leaf, config)
+def test_shipped_configs_give_known_flags_values_of_their_type(config):
+    """A config's values become parser defaults, which argparse never converts: a YAML ``1e-3``
+    (no dot) would reach the loop as the string "1e-3". So each value must already have its flag's type."""
+    parser, leaf = classify_parser()
+    apply_config_file(leaf, config)  # unknown keys raise
+    args = parser.parse_args(["train", "classify"])
+    actions = {action.dest: action for action in leaf._actions}
+    for key, value in yaml.safe_load(config.read_text()).items():
+        action = actions[key.replace("-", "_")]
+        assert getattr(args, action.dest) == value
+        for item in value if isinstance(value, list) else [value]:
+            kind = bool if action.nargs == 0 else action.type  # on/off flags take booleans
+            if kind in (bool, int, float):
+                allowed = (int, float) if kind is float else kind
+                assert isinstance(item, allowed) and (kind is bool or not isinstance(item, bool)), (key, item)
+            if action.choices:
+                assert item in action.choices, (key, item)
 
 
 @pytest.mark.parametrize("size, drop_path", [("tiny", 0.1), ("small", 0.1), ("base", 0.4)])

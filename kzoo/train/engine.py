@@ -304,7 +304,7 @@ class Trainer:
         grad_norm = self._update(skip=numbers[1] > 0)
         self.state.step += 1
         self.state.update_in_epoch += 1
-        return _FinishedStep(self.state.step, self.state.epoch,
+        return _FinishedStep(self.state.step, self.state.epoch, self._learning_rate(),
                              _Readback(torch.cat([numbers, grad_norm.double().reshape(1)])))
 
     def _update(self, skip: Tensor) -> Tensor:
@@ -356,11 +356,11 @@ class Trainer:
             began, first_step = self._epoch_began
             rate = (finished.step - first_step) * self.samples_per_step / max(time.perf_counter() - began, 1e-9)
             if not bad_ranks and self._progress is not None:
-                self._progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._learning_rate():.2e}",
+                self._progress.set_postfix(loss=f"{loss:.4f}", lr=f"{finished.lr:.2e}",
                                            samples_per_s=f"{rate:.0f}", refresh=False)
             if finished.step % config.log_interval == 0 and not bad_ranks:
                 self.records.add_log(dict(step=finished.step, epoch=finished.epoch, loss=loss,
-                                          lr=self._learning_rate(), grad_norm=grad_norm, samples_per_sec=rate,
+                                          lr=finished.lr, grad_norm=grad_norm, samples_per_sec=rate,
                                           max_memory_mb=_max_memory_mb(self.context.device)))
         return bool(stop_ranks)
 
@@ -454,6 +454,7 @@ class _Readback:
 class _FinishedStep:
     step: int
     epoch: int
+    lr: float  # the learning rate the step used
     numbers: _Readback  # loss sum over ranks, ranks with a non-finite loss, ranks asked to stop, grad norm
 
 

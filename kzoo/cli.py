@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a timm model instead (e.g. kat_base): random weights, or those of --checkpoint")
     demo.add_argument("--checkpoint", default=None,
                       help="a kzoo checkpoint (folder or .safetensors), or third-party weights for --model "
-                           "such as the official KAT .pth")
+                           "such as the official KAT .pth; a local path or hf-hub:ORG/REPO/FILE")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's pictures")
     demo.set_defaults(run=_demo)
     return parser

@@ -71,8 +71,10 @@ def load_model(model_name: str | None, checkpoint: str | None) -> tuple[nn.Modul
         torch.manual_seed(0)
         name, model = model_name, timm.create_model(model_name)
         data_config = resolve_data_config({}, model=model)
+        hub_id = model.pretrained_cfg.get("hf_hub_id")
+        official = f"hf-hub:{hub_id}/pytorch_model.bin" if hub_id else "a local .pth or .safetensors"
         print(f"{name}: no --checkpoint given, so the weights are random and the classes below mean "
-              f"nothing; pass --checkpoint PATH with the official KAT weights (.pth or .safetensors)")
+              f"nothing; pass --checkpoint with the official weights ({official})")
     print(f"  {sum(p.numel() for p in model.parameters()):,} parameters, input {tuple(data_config['input_size'])}")
     return model.eval(), data_config
 

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from huggingface_hub.utils import LocalEntryNotFoundError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
+from timm.models import (build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model,
+                         resolve_pretrained_cfg)
 from timm.models._helpers import clean_state_dict
-from timm.models._registry import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
+from ..hub import offline_message
 from ..layers import KAN
 
 __all__ = ["KAT", "checkpoint_filter_fn", "from_vit", "load_checkpoint_file"]
@@ -164,49 +166,77 @@ _SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
-_TOP1 = {"tiny": 74.6, "small": 81.2, "base": 82.3}
+# Paper top-1 on ImageNet-1k (reference/kat.md §4.1): from scratch, and fine-tuned from ViT weights.
+_TOP1 = {"tiny": (74.6, 75.7), "small": (81.2, 82.0), "base": (82.3, 82.8)}
 
+
+def _official(size: str, note: str) -> dict:
+    """The two official weight sets of a size: ``in1k`` (default, trained from scratch) and
+    ``vitft`` (initialised from ViT), in the Hub repositories the KAT authors publish."""
+    scratch, finetuned = _TOP1[size]
+    return {
+        ".in1k": _cfg(hf_hub_id=f"adamdad/kat_{size}_patch16_224", notes=f"{note}; ImageNet-1k top-1 {scratch}"),
+        ".vitft": _cfg(hf_hub_id=f"adamdad/kat_{size}_patch16_224.vitft",
+                        notes=f"{note}; initialised from ViT; ImageNet-1k top-1 {finetuned}"),
+    }
+
+
+# The original registers a plain dict, so only untagged names reach timm and its .vitft tags fail;
+# here every tag is a timm pretrained cfg. The un-suffixed names and the aliases are the swish models
+# the official weights are.
 default_cfgs = generate_default_cfgs({
-    **{f"kat_{size}_patch16_224": _cfg(notes=f"swish init; official in1k weights: top-1 {_TOP1[size]}")
-       for size in _SIZES},
-    **{f"kat_{size}_swish_patch16_224": _cfg(notes="swish init") for size in _SIZES},
-    **{f"kat_{size}_gelu_patch16_224": _cfg(notes="gelu init") for size in _SIZES},
-    **{f"kat_{size}": _cfg(notes=f"alias of kat_{size}_patch16_224") for size in _SIZES},
+    **{f"{name}{tag}": cfg
+       for size in _SIZES
+       for name, note in ((f"kat_{size}_patch16_224", "swish init"), (f"kat_{size}_swish_patch16_224", "swish init"),
+                          (f"kat_{size}", f"alias of kat_{size}_patch16_224"))
+       for tag, cfg in _official(size, note).items()},
+    **{f"kat_{size}_gelu_patch16_224": _cfg(notes="gelu init; no official weights") for size in _SIZES},
 })
 
 
-def _local_weights(variant: str, kwargs: dict) -> str:
-    """The local file named in the pretrained cfg; kzoo never downloads weights."""
-    cfg = get_pretrained_cfg(variant)
+def _local_weights(variant: str, kwargs: dict) -> str | None:
+    """The local file named by ``pretrained_cfg_overlay`` or ``pretrained_cfg``, if any."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    file = overlay.get("file") or (kwargs.get("pretrained_cfg") or {}).get("file") or (cfg.file if cfg else None)
-    if not file:
-        raise ValueError(
-            f"{variant}: pretrained=True needs a local weights file, e.g. "
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)); "
-            "kzoo never downloads weights")
-    return str(file)
+    cfg = kwargs.get("pretrained_cfg")
+    file = overlay.get("file") or (cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None))
+    return str(file) if file else None
 
 
 def _create_kat(variant: str, pretrained: bool = False, act_init: str = "swish", **kwargs) -> KAT:
+    """timm's builder. Pretrained weights come from a local file when one is named (never touching
+    the network), else from the cfg's Hub repository through timm, into the Hugging Face cache."""
     out_indices = kwargs.pop("out_indices", 3)
     filter_fn = checkpoint_filter_fn
+    hub_id = None
     if pretrained:
         overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+        local = _local_weights(variant, kwargs)
         if "state_dict" in overlay:  # weights read by the caller are used as given, as timm's loader does
             source = str(overlay.get("file") or "state_dict")
+        elif local:
+            source = local
+            overlay["state_dict"] = load_checkpoint_file(local)
         else:
-            source = _local_weights(variant, kwargs)
-            overlay["state_dict"] = load_checkpoint_file(source)
+            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                         pretrained_cfg_overlay=overlay)
+            hub_id = cfg.hf_hub_id
+            if not hub_id:
+                raise ValueError(f"{variant}: no official weights; pass a local file with "
+                                 f"pretrained_cfg_overlay=dict(file=PATH)")
+            source = f"hf-hub:{hub_id}"
         kwargs["pretrained_cfg_overlay"] = overlay
         filter_fn = partial(checkpoint_filter_fn, source=source)
-    return build_model_with_cfg(
-        KAT, variant, pretrained,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        act_init=act_init,
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            KAT, variant, pretrained,
+            pretrained_filter_fn=filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            act_init=act_init,
+            **kwargs,
+        )
+    except LocalEntryNotFoundError:  # offline, or no network, and not in the cache
+        raise ValueError(offline_message(f"{variant} weights (hf-hub:{hub_id})") + ", e.g. "
+                         "pretrained_cfg_overlay=dict(file=PATH)") from None
 
 
 def _kat(variant: str, size: str, act_init: str, pretrained: bool, **kwargs) -> KAT:

@@ -20,6 +20,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from kzoo.data.folder import image_folder
+from kzoo.models.hub import resolve_weights
 from kzoo.models.kat import load_checkpoint_file
 from kzoo.train import checkpoint, distributed
 from kzoo.train.engine import evaluate
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train-split", default="train")
     data.add_argument("--val-split", default="val", help="'' for no validation")
     data.add_argument("--model", default="kat_tiny_swish_patch16_224", help="timm model name")
-    data.add_argument("--pretrained-path", default=None, help="local weights to start from (.pth/.safetensors)")
+    data.add_argument("--pretrained-path", default=None, help="weights to start from: a .pth/.safetensors file or hf-hub:ORG/REPO/FILE")
     data.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
     data.add_argument("--img-size", type=int, default=None)
     data.add_argument("--in-chans", type=int, default=None, help="1 reads images as grayscale")
@@ -95,6 +96,8 @@ class ClassifyTask(Task):
         if not args.data_dir:
             raise ValueError("--data-dir is required (an ImageFolder root with train/ and val/)")
         check_model_name(args.model)
+        # Resolved (downloaded, if need be) before any data is read, so a missing file stops the run at once.
+        self.pretrained_file = resolve_weights(args.pretrained_path) if args.pretrained_path else None
         self.args = args
         self.num_classes = args.num_classes
         self.data_config = _data_config(args.model, dict(
@@ -148,9 +151,9 @@ class ClassifyTask(Task):
         config = self.model_config()
         kwargs = {k: v for k, v in config.items() if k not in ("model", "data_config")}
         kwargs.update(drop_rate=a.drop, **({"drop_path_rate": a.drop_path} if a.drop_path is not None else {}))
-        if a.pretrained_path:
-            overlay = dict(file=str(a.pretrained_path))
-            classes = _classes_in(a.pretrained_path, a.model)
+        if self.pretrained_file:
+            overlay = dict(file=str(self.pretrained_file))
+            classes = _classes_in(self.pretrained_file, a.model)
             if classes is not None:
                 overlay["num_classes"] = classes
             return timm.create_model(a.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
@@ -202,7 +205,8 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--model", default=None, help="timm model name (default: the checkpoint's)")
     parser.add_argument("--checkpoint", required=True,
-                        help="a kzoo checkpoint folder or .safetensors, or other weights (.pth) for --model")
+                        help="a kzoo checkpoint folder or .safetensors, or other weights (.pth) for --model; "
+                             "a local path or hf-hub:ORG/REPO/FILE")
     parser.add_argument("--use-ema", action="store_true", help="the checkpoint's EMA weights")
     parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--in-chans", type=int, default=None)
@@ -237,8 +241,9 @@ def load_classifier(path: str | Path, model_name: str | None = None, *, use_ema:
                     **model_kwargs) -> tuple[str, nn.Module, dict]:
     """(name, model, data config) of a kzoo checkpoint (a folder or .safetensors: the model is rebuilt
     from the ``model_config()`` in its metadata), or of third-party weights for ``model_name``, which
-    is then built with ``model_kwargs`` and timm's data config."""
-    path = Path(path)
+    is then built with ``model_kwargs`` and timm's data config. ``path`` may also be
+    ``hf-hub:ORG/REPO/FILE`` (see ``kzoo.models.hub``)."""
+    path = resolve_weights(path)
     if path.is_dir() or path.suffix == ".safetensors":
         weights, metadata = checkpoint.read_weights(path / checkpoint.EMA_FILE if use_ema and path.is_dir() else path)
         if metadata.get("format") == "kzoo":

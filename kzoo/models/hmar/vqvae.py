@@ -525,7 +525,7 @@ def vqvae_f16_4096(**kwargs) -> VQVAE:
 
 def vqvae_mnist(**kwargs) -> VQVAE:
     """A small tokenizer for 28x28 single-channel images: 4x downsampling (ch_mult (1, 2, 2)) to a
-    7x7 latent, quantized over the scales (1, 2, 3, 4, 5, 7) (84 tokens) with V=512, Cvae=16 and
+    7x7 latent, quantized over the scales (1, 2, 3, 4, 5, 7) (104 tokens) with V=512, Cvae=16 and
     4 shared Phis. For 32x32 images pass ``patch_nums=(1, 2, 3, 4, 6, 8)``."""
     model_args = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0,
                       in_channels=1, patch_nums=(1, 2, 3, 4, 5, 7), share_quant_resi=4)

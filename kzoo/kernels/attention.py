@@ -60,7 +60,8 @@ def window_ranges(length: int, left: int, right: int) -> tuple[Tensor, Tensor]:
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _ATTENTION_DTYPES:
-            raise TypeError(f"block_sparse_attention: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+            raise TypeError(f"block_sparse_attention: {name} has dtype {t.dtype}; "
+                            "expected float16, bfloat16, float32 or float64")
         if t.ndim != 4:
             raise ValueError(f"block_sparse_attention: {name} has shape {tuple(t.shape)}; expected (B, H, L, D)")
     if not q.dtype == k.dtype == v.dtype:
@@ -136,13 +137,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
     (B, H, Lq) float32), which the backward starts from."""
     _check_inputs(q, k, v, kv_start, kv_end)
     _remembered(_check_ranges, kv_start, kv_end, k.shape[2])
-    backend = resolve(q.device)
+    backend = resolve(q.device, q.dtype)
     if q.numel() == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     if backend == "triton":
-        from .triton.attention import attention_forward
+        from .triton import attention as kernels
 
-        return attention_forward(q, k, v, kv_start, kv_end, scale)
+        seen = _remembered(kernels.keys_seen, kv_start, kv_end, k.shape[2])
+        return kernels.attention_forward(q, k, v, kv_start, kv_end, scale, seen)
     if backend == "cpu":
         from . import cpu
 
@@ -164,11 +166,12 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                            kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    backend = resolve(q.device)
+    backend = resolve(q.device, q.dtype)
     if backend == "triton":
-        from .triton.attention import attention_backward
+        from .triton import attention as kernels
 
-        return attention_backward(grad_out, q, k, v, out, stats, kv_start, kv_end, scale)
+        plan = _remembered(kernels.backward_plan, kv_start, kv_end, k.shape[2], q.shape[3], q.dtype)
+        return kernels.attention_backward(grad_out, q, k, v, out, stats, kv_start, kv_end, scale, plan)
     if backend == "cpu":
         from . import cpu
 
@@ -207,7 +210,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     """Attention where query i sees keys ``kv_start[i] <= j < kv_end[i]`` (see ``scale_ranges``).
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D); D in (16, 32, 64, 128); ranges int32 (Lq,) or (B, Lq).
-    A query with an empty range outputs zeros and gets zero gradients.
+    A query with an empty range outputs zeros and gets zero gradients. Values no query may read (keys
+    outside every range; q and the output gradient of queries with empty ranges) never reach a result,
+    not even as NaN.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, scale)[0]

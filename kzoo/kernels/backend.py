@@ -4,6 +4,8 @@
 * ``triton``: the Triton kernels everywhere; on CPU tensors this needs ``TRITON_INTERPRET=1``
   set before triton is imported, which is how CI runs the kernels without a GPU.
 * ``reference``: the plain definitions of ``reference.py`` on any device.
+
+float64 tensors take the reference wherever Triton would run them: the kernels compute in float32.
 """
 from __future__ import annotations
 
@@ -45,16 +47,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve(device: torch.device) -> str:
-    """The implementation for tensors on ``device``: ``"triton"``, ``"cpu"`` or ``"reference"``."""
+def resolve(device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation for ``dtype`` tensors on ``device``: ``"triton"``, ``"cpu"`` or
+    ``"reference"``. The Triton kernels compute in float32, so float64 takes the reference there."""
     name = current_backend()
     if name == "reference":
         return "reference"
-    if device.type == "cuda":
-        return "triton"
+    if device.type == "cuda" or (name == "triton" and device.type == "cpu" and triton_interpreted()):
+        return "reference" if dtype == torch.float64 else "triton"
     if name == "triton":
-        if device.type == "cpu" and triton_interpreted():
-            return "triton"
         raise RuntimeError(
             f"{_ENV}=triton got {device.type} tensors; the Triton kernels run on CUDA, "
             "or on CPU only with TRITON_INTERPRET=1 set before triton is imported"

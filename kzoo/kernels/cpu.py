@@ -135,8 +135,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     else:
         for i, (a, b, c, d) in enumerate(plan.blocks):
             if d > c:
-                bias, empty = _tile_bias(q, kv_start, kv_end, (a, b, c, d))
-                out, lse = _flash_forward(q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], attn_mask=bias, scale=scale)
+                tile_q, tile_k, tile_v, bias, empty = _masked_tile(q, k, v, kv_start, kv_end, (a, b, c, d))
+                out, lse = _flash_forward(tile_q, tile_k, tile_v, attn_mask=bias, scale=scale)
                 if empty is not None:
                     out, lse = out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
                 outs[i], lses[i] = out, lse
@@ -168,14 +168,14 @@ def block_sparse_attention_backward(
     for a, b, c, d in plan.blocks:
         if d <= c:
             continue
-        bias, empty = _tile_bias(q, kv_start, kv_end, (a, b, c, d))
+        tile_q, tile_k, tile_v, bias, empty = _masked_tile(q, k, v, kv_start, kv_end, (a, b, c, d))
         tile_grad_out, tile_lse = grad_out[..., a:b, :], lse[..., a:b]
         if empty is not None:
             # The forward opened the empty rows to every key and zeroed them afterwards; zero output
             # gradient and probabilities of exp(s - inf) = 0 keep them out of every gradient.
             tile_grad_out = tile_grad_out.masked_fill(empty[..., None], 0.0)
             tile_lse = tile_lse.masked_fill(empty, float("inf"))
-        grads = _flash_backward(tile_grad_out, q[..., a:b, :], k[..., c:d, :], v[..., c:d, :], out[..., a:b, :],
+        grads = _flash_backward(tile_grad_out, tile_q, tile_k, tile_v, out[..., a:b, :],
                                 tile_lse, 0.0, False, attn_mask=bias, scale=scale)
         dq[..., a:b, :] = grads[0]
         dk[..., c:d, :] += grads[1]
@@ -217,20 +217,26 @@ def _unstacked(t: Tensor, group: list[int]) -> tuple[Tensor, ...]:
     return (t,) if len(group) == 1 else t.chunk(len(group))
 
 
-def _tile_bias(q: Tensor, kv_start: Tensor, kv_end: Tensor,
-               tile: Run) -> tuple[Tensor, Tensor | None]:
-    """A query tile's additive mask over its keys, in q's dtype and broadcastable to (B, H, rows, keys),
-    and its (B or 1, 1, rows) empty rows, None when it has none.
+def _masked_tile(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
+                 tile: Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A query tile's q, its keys' k and v, their additive mask in q's dtype, broadcastable to
+    (B, H, rows, keys), and the tile's (B or 1, 1, rows) empty rows, None when it has none.
 
     An empty row is opened to every key, so that the kernel never normalises over nothing (NaN); the
-    callers zero its output and gradient.
+    callers zero its output and gradient. What no row may read (its q; the keys no row of the tile
+    sees, in any sample) is zeroed: a NaN there would pass a -inf mask (NaN + -inf is NaN).
     """
     a, b, c, d = tile
+    q, k, v = q[..., a:b, :], k[..., c:d, :], v[..., c:d, :]
     allowed = reference.range_mask(kv_start[..., a:b] - c, kv_end[..., a:b] - c, d - c)
     allowed = allowed[:, None] if allowed.ndim == 3 else allowed[None, None]
+    unseen = ~allowed.any(-2)[..., None]
+    if unseen.any():
+        k, v = k.masked_fill(unseen, 0.0), v.masked_fill(unseen, 0.0)
     empty = ~allowed.any(-1)
     if empty.any():
         allowed |= empty[..., None]
+        q = q.masked_fill(empty[..., None], 0.0)
     else:
         empty = None
-    return torch.full(allowed.shape, float("-inf"), dtype=q.dtype).masked_fill_(allowed, 0.0), empty
+    return q, k, v, torch.full(allowed.shape, float("-inf"), dtype=q.dtype).masked_fill_(allowed, 0.0), empty

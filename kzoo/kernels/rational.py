@@ -72,7 +72,7 @@ def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor, channe
     xg = _grouped(x, order, channel_dim, denominator.shape[0])
     if xg.numel() == 0:
         return _ungrouped(torch.empty_like(xg), x, order)
-    backend = resolve(x.device)
+    backend = resolve(x.device, x.dtype)
     if backend == "triton":
         from .triton.rational import group_rational_forward
 
@@ -104,7 +104,7 @@ def _group_rational_backward_op(
     if xg.numel() == 0:
         return _ungrouped(torch.empty_like(xg), x, order), torch.zeros_like(numerator), torch.zeros_like(denominator)
     gg = _grouped(grad_out, order, channel_dim, groups)
-    backend = resolve(x.device)
+    backend = resolve(x.device, x.dtype)
     if backend == "triton":
         from .triton.rational import group_rational_backward
 

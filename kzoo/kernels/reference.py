@@ -133,11 +133,25 @@ def attention_log_sum_exp(q: Tensor, k: Tensor, kv_start: Tensor, kv_end: Tensor
     return (torch.logsumexp(scores, dim=-1) * LOG2E).float()
 
 
+def _unread_zeroed(kv_start: Tensor, kv_end: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                   grad_out: Tensor | None = None) -> tuple[Tensor, ...]:
+    """q, k, v (and grad_out) with what no query may read set to 0: the keys outside every range,
+    and the rows of queries with no keys. They cannot change the result, but the dense products
+    below would carry a NaN from there into it (a zero probability times NaN is NaN)."""
+    mask = range_mask(kv_start, kv_end, k.shape[-2])
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    silent_rows, unseen_keys = ~mask.any(-1)[..., None], ~mask.any(-2)[..., None]
+    zeroed = q.masked_fill(silent_rows, 0), k.masked_fill(unseen_keys, 0), v.masked_fill(unseen_keys, 0)
+    return zeroed if grad_out is None else (*zeroed, grad_out.masked_fill(silent_rows, 0))
+
+
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float | None = None
 ) -> Tensor:
     """softmax(q k^T * scale, over keys kv_start[i] <= j < kv_end[i]) v; a query with no keys gives 0."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _unread_zeroed(kv_start, kv_end, q, k, v)
     probabilities = _attention_probabilities(q, k, kv_start, kv_end, scale)
     return (probabilities @ v.to(probabilities.dtype)).to(q.dtype)
 
@@ -147,6 +161,7 @@ def block_sparse_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`block_sparse_attention`, written out: dS = P * (dP - rowsum(dP * P))."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, grad_out = _unread_zeroed(kv_start, kv_end, q, k, v, grad_out)
     p = _attention_probabilities(q, k, kv_start, kv_end, scale)
     dtype = p.dtype
     do = grad_out.to(dtype)

@@ -1,8 +1,9 @@
 """Compile every launch configuration of a Triton kernel module for real GPU targets, with no GPU.
 
 Run as ``python tests/kernels/aot_compile.py MODULE ARCH...`` with TRITON_INTERPRET unset; prints
-one JSON object per configuration: name, arch, registers, spill/local bytes, and the PTX's matrix
-instructions. ``test_*`` files run it in a subprocess, since the interpreter replaces ``@triton.jit``.
+one JSON object per configuration: name, arch, registers, spill/local bytes, the PTX's matrix and
+atomic instructions, and the pointers given 32-bit base offsets. ``test_*`` files run it in a
+subprocess, since the interpreter replaces ``@triton.jit``.
 """
 import importlib
 import json
@@ -29,6 +30,23 @@ def resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in fields.items()}
 
 
+def narrow_base_offsets(ttir: str, pointers: list[str]) -> list[str]:
+    """The pointer arguments that some 32-bit offset is added to, straight from the argument (or
+    its splat/broadcast), in Triton IR: such an offset overflows past 2^31 elements."""
+    bases = {f"%{name}": name for name in pointers}
+    offset_widths = []
+    for line in ttir.splitlines():
+        derived = re.match(r"\s*(%[\w.]+) = tt\.(?:splat|broadcast|expand_dims) (%[\w.]+)\b", line)
+        if derived and derived.group(2) in bases:
+            bases[derived.group(1)] = bases[derived.group(2)]
+        added = re.match(r"\s*%[\w.]+ = tt\.addptr (%[\w.]+), %[\w.]+ : .*, (?:tensor<[\dx]+x)?i(\d+)>?\s", line)
+        if added and added.group(1) in bases:
+            offset_widths.append((bases[added.group(1)], added.group(2)))
+    if not offset_widths:  # the arguments are named in the IR since triton 3.x; fail loudly if that changes
+        raise ValueError("no tt.addptr on a pointer argument found in the Triton IR")
+    return sorted({name for name, width in offset_widths if width != "64"})
+
+
 def compile_config(config: dict, arch: int) -> dict:
     kernel = config["kernel"]
     signature = dict(config["signature"])
@@ -46,6 +64,9 @@ def compile_config(config: dict, arch: int) -> dict:
         divisible_by_16=config["divisible_by_16"],
         mma="mma.sync" in ptx or re.search(r"\bmma\.", ptx) is not None,
         wgmma="wgmma" in ptx,
+        atomics=re.search(r"\b(atom|red)\.", ptx) is not None,
+        narrow_base_offsets=narrow_base_offsets(
+            compiled.asm["ttir"], [n for n, t in config["signature"].items() if t.startswith("*")]),
         **resource_usage(compiled.asm["cubin"]),
     )
 

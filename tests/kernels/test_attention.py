@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+import triton
 
 from kzoo.kernels import block_sparse_attention, causal_ranges, reference, scale_ranges, use_backend, window_ranges
 from tests.conftest import TRITON_DEVICE, relative_error
+from tests.kernels import TRITON_DTYPES
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6)  # 91 tokens
 
@@ -156,12 +158,35 @@ def check_against_reference(name, head_dim, dtype, device, seed):
     assert not out[rows].any() and not grads[0][rows].any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("head_dim", [16, 32, 64])
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_triton_matches_reference(name, head_dim, dtype, poison):
     with use_backend("triton"):
         check_against_reference(name, head_dim, dtype, TRITON_DEVICE, seed=head_dim + len(name))
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("name", ["window", "random_per_sample"])
+def test_triton_head_dim_128(name, dtype, poison):
+    """The widest head, on two layouts only: the interpreter is slow at D = 128."""
+    with use_backend("triton"):
+        check_against_reference(name, 128, dtype, TRITON_DEVICE, seed=128 + len(name))
+
+
+@pytest.mark.parametrize("backend,device", [("triton", TRITON_DEVICE), ("auto", "cpu")])
+def test_float64_is_computed_in_float64(backend, device, poison):
+    """The Triton kernels compute in float32: float64 input takes the reference on the Triton path,
+    so that it gets float64 arithmetic, not a float32 result."""
+    g = torch.Generator().manual_seed(17)
+    lq, lk, start, end = layout("random_per_sample", g)
+    q, k, v, grad_out = make_inputs(lq, lk, 32, torch.float64, device, g)
+    with use_backend(backend):
+        out, grads = run_op(q, k, v, start.to(device), end.to(device), grad_out)
+    out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out)
+    assert out.dtype == torch.float64 and relative_error(out, out_ref) < 1e-12
+    for grad, grad_ref, label in zip(grads, grads_ref, "qkv"):
+        assert grad.dtype == torch.float64 and relative_error(grad, grad_ref) < 1e-12, f"d{label}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -320,7 +345,8 @@ def _inputs(lq=8, lk=8, d=16, dtype=torch.float32):
     (lambda: (*_inputs(), *causal_ranges(7)), ValueError, r"\(7,\); expected \(8,\)"),
     (lambda: (*_inputs(), torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.int64)),
      TypeError, "torch.int64"),
-    (lambda: (*_inputs(dtype=torch.int32), *causal_ranges(8)), TypeError, "torch.int32"),
+    (lambda: (*_inputs(dtype=torch.int32), *causal_ranges(8)), TypeError,
+     "torch.int32; expected float16, bfloat16, float32 or float64$"),
     (lambda: (torch.randn(2, 8, 16), *_inputs()[1:], *causal_ranges(8)), ValueError, r"\(2, 8, 16\)"),
 ])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -329,13 +355,227 @@ def test_bad_input(case, error, message, backend):
         block_sparse_attention(*case())
 
 
-def test_forward_autotune_keeps_only_the_configs_of_each_dtype_and_head_dim():
+@pytest.fixture
+def gpu_forward_autotuner(monkeypatch):
+    """The forward's autotuner as built on a GPU (the interpreter has tiles of its own)."""
     from kzoo.kernels.triton import attention as kernels
 
-    configs = kernels._autotuned_forward().configs
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in (16, 32, 64, 128):
-            kept = kernels._prune_forward_configs(configs, {"Q": torch.empty(0, dtype=dtype)}, HEAD_DIM=head_dim,
-                                                  PRECISION="ieee")
-            chosen = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
-            assert sorted(map(str, chosen)) == sorted(map(str, kernels.forward_candidates(head_dim, dtype)))
+    monkeypatch.setattr(kernels, "triton_interpreted", lambda: False)
+    kernels._autotuned_forward.cache_clear()
+    yield kernels._autotuned_forward()
+    kernels._autotuned_forward.cache_clear()
+
+
+def test_forward_autotune_keeps_only_the_configs_of_each_dtype_and_head_dim(gpu_forward_autotuner):
+    """The kept (BLOCK_M, BLOCK_N, num_warps, num_stages), written out from the rule: fp32 runs only
+    the backward's exact tile; fp16 and bf16 try the backward's tile, 64x32 and 128x32, and 128x64
+    up to D = 64."""
+    from kzoo.kernels.triton.attention import _prune_forward_configs
+
+    half = {16: {(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 3)},
+            128: {(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)}}
+    half[32] = half[64] = half[16]
+    expected = {torch.float32: {16: {(64, 32, 4, 2)}, 32: {(64, 32, 4, 2)}, 64: {(32, 32, 8, 2)},
+                                128: {(16, 16, 4, 1)}},
+                torch.float16: half, torch.bfloat16: half}
+    configs = gpu_forward_autotuner.configs
+    for dtype, per_head_dim in expected.items():
+        for head_dim, tiles in per_head_dim.items():
+            kept = _prune_forward_configs(configs, {"Q": torch.empty(0, dtype=dtype)}, HEAD_DIM=head_dim,
+                                          PRECISION="ieee", COUNT_TILES=False)
+            assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == tiles, \
+                (dtype, head_dim)
+    every = set().union(*(tiles for per_head_dim in expected.values() for tiles in per_head_dim.values()))
+    assert len(configs) == len(every)  # each candidate compiled once
+
+
+# --- kernels at real sizes ---------------------------------------------------------------------
+
+def spans_by_table(kv_start, kv_end, num_keys, block_n):
+    """query_span_per_key_tile from the full (ranges, key tiles, queries) table of who sees what."""
+    start, end = kv_start.reshape(-1, kv_start.shape[-1]).long(), kv_end.reshape(-1, kv_end.shape[-1]).long()
+    tile_lo = torch.arange(0, num_keys, block_n)
+    sees = (start[:, None, :] < (tile_lo + block_n)[None, :, None]) & (end[:, None, :] > tile_lo[None, :, None])
+    sees &= (start < end)[:, None, :]
+    query = torch.arange(start.shape[-1])
+    first = torch.where(sees, query, start.shape[-1]).amin(-1)
+    last = torch.where(sees, query + 1, 0).amax(-1)
+    return torch.stack([first, last], -1).to(torch.int32)
+
+
+def test_query_span_per_key_tile_matches_the_table():
+    from kzoo.kernels.triton.attention import query_span_per_key_tile
+
+    g = torch.Generator().manual_seed(13)
+    cases = [(*scale_ranges((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), mode), 680) for mode in ("markov", "block_causal")]
+    cases += [(*window_ranges(300, 40, 10), 300), (*causal_ranges(77), 77)]
+    for trial in range(40):  # odd sizes, a fifth of the rows empty, shared and per-sample ranges
+        lq, lk = (int(n) for n in torch.randint(1, 90, (2,), generator=g))
+        shape = (lq,) if trial % 2 else (3, lq)
+        start = torch.randint(0, lk + 1, shape, generator=g)
+        end = start + (torch.rand(shape, generator=g) * (lk + 1 - start)).long()
+        end = torch.where(torch.rand(shape, generator=g) < 0.2, start, end)
+        cases.append((start.int(), end.int(), lk))
+    for i, (start, end, num_keys) in enumerate(cases):
+        for block_n in (1, 3, 16, 64):
+            spans = query_span_per_key_tile(start, end, num_keys, block_n)
+            assert spans.dtype == torch.int32
+            assert torch.equal(spans, spans_by_table(start, end, num_keys, block_n)), (i, block_n)
+
+
+def test_query_span_per_key_tile_memory_grows_with_the_sequence_not_its_square():
+    """No (queries, key tiles) table: at HMAR's 1024 layout with per-sample ranges (L = 9451,
+    B = 64) one took 1.4 GB per backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kzoo.kernels.triton.attention import query_span_per_key_tile
+
+    start, end = random_ranges(4000, 4000, torch.Generator().manual_seed(14), batch=4)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        query_span_per_key_tile(start, end, 4000, 16)
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert 0 < largest <= 2 * 8 * start.numel()  # two int64 per query; the table is 250 key tiles x that
+
+
+def test_triton_path_plans_once_per_pair_of_range_tensors(monkeypatch):
+    """The keys seen (forward) and the per-key-tile query spans (backward) are worked out once for
+    range tensors used again, and again after an in-place change."""
+    from kzoo.kernels.triton import attention as kernels
+
+    calls = []
+    for name in ("keys_seen", "query_span_per_key_tile"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    g = torch.Generator().manual_seed(15)
+    start, end = scale_ranges((2, 3, 4), "markov")
+    q, k, v, grad_out = make_inputs(29, 29, 16, torch.float32, TRITON_DEVICE, g, batch=1, heads=1)
+    start, end = start.to(TRITON_DEVICE), end.to(TRITON_DEVICE)
+    with use_backend("triton"):
+        for _ in range(3):
+            run_op(q, k, v, start, end, grad_out)
+        assert sorted(calls) == ["keys_seen", "keys_seen", "query_span_per_key_tile"]  # forward, backward
+        start.fill_(0)  # now block_causal
+        _, grads = run_op(q, k, v, start, end, grad_out)
+    assert len(calls) == 6
+    _, grads_ref = float64_reference(q, k, v, start, end, grad_out)
+    assert all(relative_error(grad, grad_ref) < 1e-4 for grad, grad_ref in zip(grads, grads_ref))
+
+
+def unread_layout(name):
+    """(Lq, Lk, kv_start, kv_end) with keys that no query may read, and for some, queries that see nothing."""
+    if name == "window":  # an unseen tail of keys
+        return 37, 50, *window_ranges(37, 4, 2)
+    if name == "causal":  # nobody sees the last 7 keys
+        start, end = causal_ranges(40)
+        return 40, 40, start, end.clamp_max(33)
+    if name == "markov":  # scales 1 and 3 see nothing: nobody sees their keys, gaps inside a query tile's keys
+        start, end = scale_ranges((1, 2, 3, 4, 5), "markov")
+        return 55, 55, start, torch.where((start == 1) | (start == 14), start, end)
+    if name == "per_sample":  # another unseen set in each sample
+        causal, window = causal_ranges(40), window_ranges(40, 3, 1)
+        silent = (torch.arange(40) >= 20) & (torch.arange(40) < 25)
+        start = torch.stack([causal[0], window[0]])
+        return 40, 40, start, torch.stack([causal[1].clamp_max(33), torch.where(silent, window[0], window[1])])
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("backend,device", [("triton", TRITON_DEVICE), ("auto", "cpu"), ("reference", "cpu")])
+@pytest.mark.parametrize("name", ["window", "causal", "markov", "per_sample"])
+def test_values_no_query_may_read_never_reach_the_result(backend, device, name, poison):
+    """NaN in the keys no query sees, and in q and dO of the queries that see nothing: every output
+    and gradient is what zeros there give."""
+    g = torch.Generator().manual_seed(16)
+    lq, lk, start, end = unread_layout(name)
+    q, k, v, grad_out = make_inputs(lq, lk, 16, torch.float32, device, g)
+    mask = reference.range_mask(start, end, lk)
+    mask = (mask if mask.ndim == 3 else mask[None])[:, None]
+    silent, unseen = (~mask.any(-1)[..., None]).to(device), (~mask.any(-2)[..., None]).to(device)
+    assert unseen.any()
+    out_ref, grads_ref = float64_reference(q.masked_fill(silent, 0), k.masked_fill(unseen, 0),
+                                           v.masked_fill(unseen, 0), start, end, grad_out.masked_fill(silent, 0))
+    nan = float("nan")
+    with use_backend(backend):
+        out, grads = run_op(q.masked_fill(silent, nan), k.masked_fill(unseen, nan), v.masked_fill(unseen, nan),
+                            start.to(device), end.to(device), grad_out.masked_fill(silent, nan))
+    assert relative_error(out, out_ref) < 1e-4
+    for grad, grad_ref, label in zip(grads, grads_ref, "qkv"):
+        assert relative_error(grad, grad_ref) < 1e-4, f"d{label}"
+
+
+def tile_visits(kv_start, kv_end, lq, lk, block_m, block_n):
+    """What DESIGN.md promises the kernels visit, from the (ranges, queries, keys) mask: per (query
+    tile, key tile), whether some row sees some key, and whether every row sees every key."""
+    mask = reference.range_mask(kv_start, kv_end, lk).reshape(-1, lq, lk)
+    query_tiles, key_tiles = triton.cdiv(lq, block_m), triton.cdiv(lk, block_n)
+    padded = torch.zeros(mask.shape[0], query_tiles * block_m, key_tiles * block_n, dtype=torch.bool)
+    padded[:, :lq, :lk] = mask
+    shape = (mask.shape[0], query_tiles, block_m, key_tiles, block_n)
+    some = padded.reshape(shape).any(4).any(2)
+    padded[:, lq:, :lk] = True  # rows past Lq take no part; keys past Lk are never seen
+    return some, padded.reshape(shape).all(4).all(2)
+
+
+@pytest.mark.parametrize("name", ["markov", "block_causal", "window", "per_sample"])
+def test_triton_kernels_visit_only_the_tiles_some_row_sees(name):
+    """The forward and dQ walk, per query tile, only the key tiles its rows see, the forward without a
+    mask where every row sees the whole key tile; dK/dV walks, per key tile, only the query tiles
+    that see it."""
+    from kzoo.kernels.triton import attention as kernels
+
+    g = torch.Generator().manual_seed(18)
+    if name == "per_sample":
+        lq, lk = 91, 91
+        start, end = (torch.stack(pair) for pair in zip(scale_ranges(PATCH_NUMS, "markov"),
+                                                         scale_ranges(PATCH_NUMS, "block_causal")))
+    elif name == "window":  # wide enough for unmasked tiles
+        lq, lk, start, end = 100, 100, *window_ranges(100, 40, 20)
+    else:
+        lq, lk, start, end = layout(name, g)
+    q, k, v, grad_out = make_inputs(lq, lk, 16, torch.float32, TRITON_DEVICE, g)
+    start, end = start.to(TRITON_DEVICE), end.to(TRITON_DEVICE)
+    tiles = kernels.tile_config(16, torch.float32)
+    counts = {}
+    plan = kernels.backward_plan(start, end, lk, 16, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, start, end, 0.25, plan.keys_seen, tile_counts=counts)
+    grads = kernels.attention_backward(grad_out, q, k, v, out, lse, start, end, 0.25, plan, tile_counts=counts)
+    out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out, scale=0.25)
+    assert relative_error(out, out_ref) < 1e-4
+    assert all(relative_error(grad, grad_ref) < 1e-4 for grad, grad_ref in zip(grads, grads_ref))
+
+    some, every = tile_visits(start.cpu(), end.cpu(), lq, lk, tiles["BLOCK_M"], tiles["BLOCK_N"])
+    sample = torch.arange(q.shape[0] * q.shape[1]) // q.shape[1]  # of each program's (b, h)
+    if start.ndim == 1:
+        sample.zero_()
+    assert every.any() and (some & ~every).any()  # both kinds of tile occur
+    visited, unmasked = counts["forward"].cpu().unbind(-1)  # (query tiles, B*H)
+    assert torch.equal(visited, some.sum(2)[sample].T.int())
+    assert torch.equal(unmasked, every.sum(2)[sample].T.int())
+    visited, unmasked = counts["dq"].cpu().unbind(-1)
+    assert torch.equal(visited, some.sum(2)[sample].T.int()) and not unmasked.any()
+    visited, unmasked = counts["dkdv"].cpu().unbind(-1)  # (key tiles, B*H)
+    assert torch.equal(visited, some.sum(1)[sample].T.int()) and not unmasked.any()
+
+
+def test_batch_offsets_past_two_to_the_31_elements():
+    """Batch 2 of a fused-qkv layout starts past element 2^31, as from batch ~40 at HMAR's 1024
+    layout. The buffer is 8 GiB of address space, nearly all of it never touched; it starts 2^21
+    elements before the tensor, so that a 32-bit batch offset, wrapping to -2^21, reads a wrong
+    (zero) batch rather than crashing."""
+    heads, length, head_dim = 2, 24, 16
+    batch_stride = 2**31 - 2**20  # below 2^31, so the JIT passes it as a 32-bit integer
+    buffer = torch.empty(2**21 + 2 * batch_stride + length * 3 * heads * head_dim, dtype=torch.float16,
+                         device=TRITON_DEVICE)
+    qkv = buffer.as_strided((3, length, 3, heads, head_dim),
+                            (batch_stride, 3 * heads * head_dim, heads * head_dim, head_dim, 1), 2**21)
+    g = torch.Generator().manual_seed(19)
+    qkv.copy_(torch.randn(qkv.shape, generator=g))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    grad_out = torch.randn(q.shape, generator=g).to(q)
+    start, end = (t.to(TRITON_DEVICE) for t in window_ranges(length, 5, 3))
+    with use_backend("triton"):
+        out, stats = torch.ops.kzoo.block_sparse_attention(q, k, v, start, end, 0.25)
+        grads = torch.ops.kzoo.block_sparse_attention_backward(grad_out, q, k, v, out, stats, start, end, 0.25)
+    out_ref, grads_ref = float64_reference(q, k, v, start, end, grad_out, scale=0.25)
+    assert relative_error(out, out_ref) < TOLERANCE[torch.float16]
+    for grad, grad_ref, label in zip(grads, grads_ref, "qkv"):
+        assert relative_error(grad, grad_ref) < TOLERANCE[torch.float16], f"d{label}"

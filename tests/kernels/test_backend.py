@@ -20,15 +20,17 @@ def test_use_backend_sets_and_restores(monkeypatch):
 def test_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with use_backend("auto"):
-        assert backend.resolve(cpu) == "cpu" and backend.resolve(cuda) == "triton"
+        assert backend.resolve(cpu, torch.float32) == "cpu" and backend.resolve(cuda, torch.float32) == "triton"
+        # The kernels compute in float32: float64 takes the reference where they would run.
+        assert backend.resolve(cpu, torch.float64) == "cpu" and backend.resolve(cuda, torch.float64) == "reference"
     with use_backend("reference"):
-        assert backend.resolve(cpu) == "reference" and backend.resolve(cuda) == "reference"
+        assert backend.resolve(cpu, torch.float16) == "reference" and backend.resolve(cuda, torch.float16) == "reference"
     with use_backend("triton"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert backend.resolve(cpu) == "triton"
+        assert backend.resolve(cpu, torch.bfloat16) == "triton" and backend.resolve(cpu, torch.float64) == "reference"
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            backend.resolve(cpu)
+            backend.resolve(cpu, torch.float32)
 
 
 def test_unknown_backend_is_a_clear_error(monkeypatch):

@@ -3,6 +3,7 @@ import torch
 
 from kzoo.kernels import group_rational, reference, use_backend
 from tests.conftest import TRITON_DEVICE, relative_error
+from tests.kernels import TRITON_DTYPES
 
 
 def make_inputs(shape, channel_dim, groups, shared, dtype=torch.float32, device="cpu", seed=0):
@@ -84,7 +85,7 @@ def test_sign_of_zero_is_plus_one(backend, device):
 
 # --- fast paths vs the float64 reference -------------------------------------------------------
 
-TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3)}
+TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-3)}
 
 
 def check_against_reference(rows, channels, groups, channel_dim, dtype, shared, device, seed):
@@ -104,7 +105,7 @@ def check_against_reference(rows, channels, groups, channel_dim, dtype, shared, 
         assert not dnum.any() and not dden.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("channel_dim", [-1, 1])
 @pytest.mark.parametrize("channels,groups", [(8, 1), (8, 4), (8, 8), (64, 1), (64, 4), (64, 8),
                                              (200, 1), (200, 4), (200, 8)])
@@ -113,6 +114,50 @@ def test_triton_matches_reference(rows, channels, groups, channel_dim, dtype, po
     with use_backend("triton"):
         check_against_reference(rows, channels, groups, channel_dim, dtype, shared=groups % 2 == 0,
                                 device=TRITON_DEVICE, seed=rows * 7 + channels + groups)
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_float64_runs_the_reference_on_the_triton_path(channel_dim, poison):
+    """The kernel computes in float32; float64 input gets float64 arithmetic, not a float32 result."""
+    x, numerator, denominator = make_inputs(shape_for(37, 16, channel_dim), channel_dim, 4, False, torch.float64,
+                                            TRITON_DEVICE, seed=3)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(x.device)
+    with use_backend("triton"):
+        y, grads = run_op(x, numerator, denominator, channel_dim, grad_out)
+    y_ref, grads_ref = float64_reference(grad_out, x, numerator, denominator, channel_dim)
+    assert y.dtype == torch.float64 and relative_error(y, y_ref) < 1e-12
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert grad.dtype == torch.float64 and relative_error(grad, grad_ref) < 1e-12
+
+
+def test_backward_writes_one_partial_row_per_program_and_no_atomics(monkeypatch):
+    """The coefficient gradients are per-program float32 partials summed afterwards (see
+    kzoo/kernels/triton/rational.py): a (programs along rows, groups, 10) buffer, no atomics."""
+    import inspect
+
+    from kzoo.kernels.triton import rational as kernels
+
+    assert "tl.atomic_" not in inspect.getsource(kernels)
+    launches = []
+    real = kernels.group_rational_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, args, kwargs))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "group_rational_kernel", Recorder())
+    x, numerator, denominator = make_inputs((3, 5000, 64), -1, 8, True, device=TRITON_DEVICE)
+    with use_backend("triton"):
+        _, (_, dnum, dden) = run_op(x, numerator, denominator, -1, torch.ones_like(x))
+    (grid, args, kwargs), = [launch for launch in launches if launch[2]["BACKWARD"]]
+    partials = args[4]
+    assert grid[0] > 1 and partials.shape == (grid[0], grid[1], kernels.PARTIALS)
+    assert partials.dtype == torch.float32
+    torch.testing.assert_close(dden, partials[:, :, 6:].sum(0))
+    torch.testing.assert_close(dnum, partials[:, :, :6].sum((0, 1))[None])
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -1,1 +1,5 @@
 """Triton kernels and their launchers. Imported lazily: ``TRITON_INTERPRET`` is read at import."""
+import torch
+
+# The tensor dtypes the kernels compile for, as Triton pointer types; float64 runs the reference.
+POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}

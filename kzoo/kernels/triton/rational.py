@@ -9,6 +9,8 @@ The backward reduces the coefficient gradients inside each program in float32 re
 one partial sum per program; the partials are summed by ``torch.sum``. There are no atomics, so the
 coefficient gradients are bitwise reproducible (the per-element global atomics of the original
 kernels are what made KAT train two orders of magnitude slower than ViT).
+
+Every offset from a base pointer is 64-bit: row * row stride passes 2^31 in large activations.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import POINTER_TYPES
 from ..backend import launch_device, triton_interpreted
 
 FORWARD_BLOCK = 2048
@@ -40,7 +43,7 @@ def group_rational_kernel(
     """
     span_blocks = tl.cdiv(span, BLOCK_SPAN)
     tile = tl.program_id(0)
-    group = tl.program_id(1)
+    group = tl.program_id(1).to(tl.int64)
     row = (tile // span_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = (tile % span_blocks) * BLOCK_SPAN + tl.arange(0, BLOCK_SPAN)
     row_stride = tl.num_programs(1).to(tl.int64) * span
@@ -79,7 +82,7 @@ def group_rational_kernel(
         y = p / q
         tl.store(grad_x_ptr + offsets, (grad_over_q * (dp - dq * y)).to(grad_x_ptr.dtype.element_ty), mask=mask)
 
-        out = partials_ptr + (tile * tl.num_programs(1) + group) * 10  # PARTIALS per (tile, group)
+        out = partials_ptr + (tile.to(tl.int64) * tl.num_programs(1) + group) * 10  # PARTIALS per (tile, group)
         t = grad_over_q
         tl.store(out + 0, tl.sum(tl.sum(t, 1), 0))
         t = t * x
@@ -165,8 +168,6 @@ def group_rational_backward(
     return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
 
 
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
 
 def launch_configs() -> list[dict]:
     """Every variant the launchers compile: kernel, argument types, constexprs and num_warps.
@@ -176,7 +177,7 @@ def launch_configs() -> list[dict]:
     """
     configs = []
     for backward, block in ((False, FORWARD_BLOCK), (True, BACKWARD_BLOCK)):
-        for dtype, pointer in _POINTER_TYPES.items():
+        for pointer in POINTER_TYPES.values():
             signature = {name: (pointer if name in ("x_ptr", "y_ptr", "grad_out_ptr", "grad_x_ptr") else "*fp32")
                          for name in group_rational_kernel.arg_names if name.endswith("_ptr")}
             signature.update(rows="i32", span="i32", numerator_row_stride="i32")

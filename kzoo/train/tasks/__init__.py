@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = {"classify": "kzoo.train.tasks.classify"}
+TASKS = {"classify": "kzoo.train.tasks.classify", "vqvae": "kzoo.train.tasks.vqvae"}
 
 
 def task_module(name: str) -> ModuleType:

@@ -235,7 +235,16 @@ def test_cpu_path_masks_only_query_tiles(name, tiles, monkeypatch):
         assert max(mask.shape[-1] for mask in masks) == 128 + 50
 
 
-def test_ranges_are_read_once_per_pair_of_tensors_until_changed_in_place(monkeypatch):
+@pytest.fixture
+def empty_memo(monkeypatch):
+    """The range memo as a fresh process has it: entries of earlier tests in this worker would
+    otherwise fill it, and a full memo is cleared, which forgets this test's facts mid-way."""
+    from kzoo.kernels import attention
+
+    monkeypatch.setattr(attention, "_memo", {})
+
+
+def test_ranges_are_read_once_per_pair_of_tensors_until_changed_in_place(monkeypatch, empty_memo):
     """The range check and the CPU path's plan run once for range tensors used again (as a model's
     layers use them), forward and backward; an in-place change to either tensor is seen."""
     from kzoo.kernels import attention, cpu
@@ -437,7 +446,7 @@ def test_query_span_per_key_tile_memory_grows_with_the_sequence_not_its_square()
     assert 0 < largest <= 2 * 8 * start.numel()  # two int64 per query; the table is 250 key tiles x that
 
 
-def test_triton_path_plans_once_per_pair_of_range_tensors(monkeypatch):
+def test_triton_path_plans_once_per_pair_of_range_tensors(monkeypatch, empty_memo):
     """The keys seen (forward) and the per-key-tile query spans (backward) are worked out once for
     range tensors used again, and again after an in-place change."""
     from kzoo.kernels.triton import attention as kernels

@@ -13,7 +13,14 @@ same cache.
 """
 from __future__ import annotations
 
+import pickle
+import struct
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
 
 HUB_PREFIX = "hf-hub:"
 
@@ -77,3 +84,34 @@ def offline_message(what: str) -> str:
     why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
     return (f"{what}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; download it once "
             "with a network (the same cache is then used offline), or pass a local file instead")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local .pth (weights only) or .safetensors file, with one-line errors."""
+    try:
+        if path.suffix == ".safetensors":
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    # What torch and safetensors raise for a corrupt or truncated file, or a refused pickle.
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, struct.error, SafetensorError) as error:
+        reason = (str(error).splitlines() or [""])[0] or "empty or cut short"
+        raise ValueError(f"{path}: cannot read checkpoint ({type(error).__name__}: {reason})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state_dict
+
+
+def check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise a one-line ValueError listing what does not fit; buffers may be missing."""
+    expected = model.state_dict()
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = sorted(set(expected) - set(state_dict) - buffers)
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                if keys]
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not fit this {type(model).__name__}: " + "; ".join(problems))

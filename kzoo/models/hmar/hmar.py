@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from kzoo.kernels import scale_ranges
 
-from ..hub import resolve_weights
-from .vqvae import VAR_PATCH_NUMS, _check_fits, _read_state_dict
+from ..hub import check_fits, read_state_dict, resolve_weights
+from .vqvae import VAR_PATCH_NUMS
 
 __all__ = ["NextScaleTransformer", "AdaLNBlock", "AdaLNBeforeHead", "ScaleSelfAttention", "FeedForward",
            "ATTENTION_MODES", "is_combined_layout", "next_scale_branch", "load_official", "hmar_d16", "hmar_d20",
@@ -271,12 +271,12 @@ class NextScaleTransformer(nn.Module):
         layout (``hmar-d16.pth``, see ``next_scale_branch``). The official mask and the level and
         zero-bias buffers may be present or absent. Raises a one-line ValueError naming the file."""
         path = resolve_weights(path)
-        self._load_fitting(next_scale_branch(_read_state_dict(path)), str(path))
+        self._load_fitting(next_scale_branch(read_state_dict(path)), str(path))
         return self
 
     def _load_fitting(self, state_dict: dict[str, Tensor], source: str) -> None:
         state_dict = {name: tensor for name, tensor in state_dict.items() if name != _OFFICIAL_MASK_KEY}
-        _check_fits(state_dict, self, source)
+        check_fits(state_dict, self, source)
         self.load_state_dict(state_dict, strict=False)
 
 
@@ -345,7 +345,7 @@ def load_official(path: str | Path, **kwargs) -> NextScaleTransformer:
     pass ``attention_mode="markov"`` for HMAR stage-1 checkpoints. ``kwargs`` override the rest.
     """
     path = resolve_weights(path)
-    official = _read_state_dict(path)
+    official = read_state_dict(path)
     state_dict = next_scale_branch(official)
     args = dict(attention_mode="markov" if is_combined_layout(official) else "block_causal", drop_path_rate=0.0)
     args.update(_architecture_from_keys(state_dict, str(path)), **kwargs)

@@ -16,18 +16,14 @@ HMAR, https://arxiv.org/abs/2506.04421 (code: https://github.com/NVlabs/HMAR).
 """
 from __future__ import annotations
 
-import pickle
-import struct
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from ..hub import resolve_weights
+from ..hub import check_fits, read_state_dict, resolve_weights
 
 __all__ = ["VQVAE", "MultiScaleQuantizer", "VQVAEOutput", "phi_index", "load_official", "vqvae_f16_4096",
            "vqvae_mnist"]
@@ -473,40 +469,10 @@ class VQVAE(nn.Module):
         """Load a VAR-layout state dict (``vae_ch160v4096z32.pth``, or a .safetensors of the same keys)
         strictly; the usage buffer may be absent. Raises a one-line ValueError naming the file."""
         path = resolve_weights(path)
-        state_dict = _read_state_dict(path)
-        _check_fits(state_dict, self, str(path))
+        state_dict = read_state_dict(path)
+        check_fits(state_dict, self, str(path))
         self.load_state_dict(state_dict, strict=False)
         return self
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    # What torch and safetensors raise for a corrupt or truncated file, or a refused pickle.
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, struct.error, SafetensorError) as error:
-        reason = (str(error).splitlines() or [""])[0] or "empty or cut short"
-        raise ValueError(f"{path}: cannot read checkpoint ({type(error).__name__}: {reason})") from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
-    return state_dict
-
-
-def _check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Raise a one-line ValueError listing what does not fit; buffers may be missing."""
-    expected = model.state_dict()
-    buffers = {name for name, _ in model.named_buffers()}
-    missing = sorted(set(expected) - set(state_dict) - buffers)
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
-    problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                if keys]
-    if problems:
-        raise ValueError(f"{source}: checkpoint does not fit this {type(model).__name__}: " + "; ".join(problems))
 
 
 def load_official(path: str | Path, **kwargs) -> VQVAE:

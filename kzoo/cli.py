@@ -57,6 +57,12 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from kzoo import sample
+
+    return sample.run(args, _device(args.device))
+
+
 def _train(args: argparse.Namespace) -> int:
     import kzoo  # noqa: F401  (registers the models with timm)
     from kzoo.train import TrainConfig, train
@@ -114,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_loop_arguments(task_parser)
         module.add_arguments(task_parser)
         task_parser.set_defaults(run=_train, leaf_parser=task_parser)
+
+    from kzoo import sample
+
+    sampler = commands.add_parser("sample", help="class-conditional images from an HMAR or VAR model",
+                                  description=sample.__doc__.split("\n\n")[0])
+    sample.add_arguments(sampler)
+    sampler.set_defaults(run=_sample)
 
     validate = commands.add_parser("validate", help="top-1/top-5 of a checkpoint on an ImageFolder split")
     classify.add_validate_arguments(validate)

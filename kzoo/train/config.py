@@ -44,6 +44,7 @@ class TrainConfig:
     # checkpoints and records
     checkpoint_hist: int = 3
     save_every_steps: int = 0
+    sample_every: int = 0
     log_interval: int = 50
     max_bad_steps: int = 10
     extra: dict = field(default_factory=dict)  # the task's own arguments, recorded in args.yaml
@@ -83,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="step checkpoints kept besides last and best")
     run.add_argument("--save-every-steps", type=int, default=d.save_every_steps,
                      help="also checkpoint every N optimizer steps (0: at epoch ends only)")
+    run.add_argument("--sample-every", type=int, default=d.sample_every,
+                     help="also call the task's sample (e.g. a sample grid in the run folder) every N optimizer "
+                          "steps (0: at epoch ends only)")
     run.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between log.jsonl lines")
     run.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
                      help="stop after this many consecutive steps with a non-finite loss")

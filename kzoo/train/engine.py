@@ -273,6 +273,8 @@ class Trainer:
                     self.scheduler.step_update(state.step)
                 while len(unread) > self.read_lag:
                     stop_requested |= self._account(unread.popleft())
+                if config.sample_every and state.step % config.sample_every == 0:
+                    self._sample(epoch=None)
                 if (config.save_every_steps and state.step % config.save_every_steps == 0
                         and state.update_in_epoch < self.updates_per_epoch):
                     stop_requested |= self._account_all(unread)
@@ -393,10 +395,13 @@ class Trainer:
             self.records.plot()
             print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                   file=sys.stderr)
-        # Every rank takes part: under FSDP each forward of the sharded model is a collective.
-        task.sample(self.ema.module if self.ema is not None else self.model,
-                    self.config.run_dir if self.context.is_main else None, row["epoch"])
+        self._sample(epoch=row["epoch"])
         self.save(is_best)
+
+    def _sample(self, epoch: int | None) -> None:
+        # Every rank takes part: under FSDP each forward of the sharded model is a collective.
+        self.task.sample(self.ema.module if self.ema is not None else self.model,
+                         self.config.run_dir if self.context.is_main else None, epoch, self.state.step)
 
     def _evaluate(self, model: nn.Module, desc: str) -> dict[str, float]:
         return evaluate(self.task.eval_sums, model, self.val_loader, self.context, self.autocast, desc=desc)

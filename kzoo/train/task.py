@@ -57,7 +57,8 @@ class Task:
         and ranks and divides by the count, so means are exact whatever the sharding."""
         raise NotImplementedError
 
-    def sample(self, model: nn.Module, out_dir: Path | None, epoch: int) -> None:
-        """Optional: something to look at (e.g. a sample grid) at the end of each epoch. Called on
+    def sample(self, model: nn.Module, out_dir: Path | None, epoch: int | None, step: int) -> None:
+        """Optional: something to look at (e.g. a sample grid) at the end of each epoch (``epoch``
+        is the finished one) and every ``--sample-every`` steps (``epoch`` is None). Called on
         every rank, because under FSDP each forward of the sharded model is a collective; rank 0
         gets the run folder to write into, the other ranks ``None``."""

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kzoo.kernels import scale_ranges
-from kzoo.models.hmar.hmar import (NextScaleTransformer, hmar_d16, hmar_mnist, is_combined_layout, load_official,
-                                   next_scale_branch, var_d16)
+from kzoo.models.hmar.hmar import (NextScaleTransformer, from_official_layout, hmar_d16, hmar_mnist,
+                                   is_combined_layout, load_official, to_official_layout, var_d16)
 
 # The var_d16 and hmar_d16 entries of shared/reference/hmar_official_keys.json: built from the
 # official classes.
@@ -105,18 +105,25 @@ def test_d16_state_dict_matches_the_official_keys_and_shapes(entry_point):
     assert sum(p.numel() for p in model.parameters()) == 310_283_520
 
 
-def test_the_next_scale_branch_of_the_combined_d16_layout_fits_the_d16_model():
-    combined = {name: torch.empty(entry["shape"], device="meta")
-                for name, entry in _official_entries("hmar_d16").items()}
-    assert is_combined_layout(combined)
+def test_combined_d16_model_matches_the_official_hmar_keys_and_shapes():
+    """hmar_d16 with an 8-block mask branch is the official combined module, key for key, once
+    renamed; and the renaming round-trips."""
+    official = _official_entries("hmar_d16")
     with torch.device("meta"):
-        model = hmar_d16()
-    branch = next_scale_branch(combined)
-    ours = {name: list(t.shape) for name, t in model.state_dict().items()}
-    assert {name: list(t.shape) for name, t in branch.items() if name != OFFICIAL_MASK_KEY} == ours
-    assert branch["blocks.8.attn.mat_qkv.weight"] is combined["ns_blocks.0.attn.mat_qkv.weight"]
-    assert branch["head.weight"] is combined["ns_head.weight"]
-    assert branch["word_embed.bias"] is combined["word_embed_bias"]
+        model = hmar_d16(mask_branch_depth=8)
+    exported = to_official_layout(model.state_dict())
+    assert {name: list(t.shape) for name, t in exported.items()} == {
+        name: entry["shape"] for name, entry in official.items() if name != OFFICIAL_MASK_KEY}
+    assert sum(p.numel() for p in model.parameters()) == 467_691_904
+    combined = {name: torch.empty(entry["shape"], device="meta") for name, entry in official.items()}
+    assert is_combined_layout(combined)
+    ours = from_official_layout(combined)
+    assert ours["blocks.8.attn.mat_qkv.weight"] is combined["ns_blocks.0.attn.mat_qkv.weight"]
+    assert ours["head.weight"] is combined["ns_head.weight"]
+    assert ours["word_embed.bias"] is combined["word_embed_bias"]
+    assert ours["mask_blocks.3.ffn.fc1.weight"] is combined["mask_blocks.3.ffn.fc1.weight"]
+    assert to_official_layout({k: v for k, v in ours.items() if k != OFFICIAL_MASK_KEY}).keys() == \
+        {k for k in combined if k != OFFICIAL_MASK_KEY}
 
 
 def _write_random_checkpoint(model: NextScaleTransformer, path: Path, with_buffers: bool) -> dict:
@@ -150,9 +157,10 @@ def test_load_official_round_trips_a_file_of_the_official_layout(tmp_path, with_
 
 
 @torch.no_grad()
-def test_load_official_takes_the_next_scale_branch_of_a_combined_file(tmp_path):
+def test_load_official_loads_a_combined_file_with_both_branches(tmp_path):
     """A combined file made from a model, its last two blocks as ns_blocks and a random mask branch,
-    loads back into the same model: same weights and same logits."""
+    loads back: the same next-scale logits, the mask branch's weights, and the same file again
+    when written back in the official layout."""
     source = _tiny_model("markov")
     num_base = source.depth - 2
     combined = {"word_embed_bias": source.word_embed.bias, "mask_embed.weight": torch.randn(1, source.embed_dim)}
@@ -172,9 +180,13 @@ def test_load_official_takes_the_next_scale_branch_of_a_combined_file(tmp_path):
     path = tmp_path / "hmar-tiny.pth"
     torch.save(combined, path)
     model = load_official(path, patch_nums=MNIST_PATCH_NUMS).eval()
-    assert model.attention_mode == "markov"
+    assert model.attention_mode == "markov" and model.mask_branch_depth == 2
     labels, x = _inputs(model)
     torch.testing.assert_close(model(labels, x), source(labels, x), rtol=0, atol=0)
+    exported = to_official_layout(model.state_dict())
+    assert exported.keys() == combined.keys()
+    for name, tensor in combined.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 def test_load_official_rejects_misfits_in_one_line(tmp_path):

@@ -74,7 +74,7 @@ class ToyTask(Task):
         return {"loss": nn.functional.mse_loss(model(batch[0]), batch[1], reduction="sum").item(),
                 "count": float(len(batch[0]))}
 
-    def sample(self, model, out_dir, epoch):
+    def sample(self, model, out_dir, epoch, step):
         with torch.no_grad():
             prediction = model(self.x[:2])  # a collective under FSDP: every rank must be here
         self.sampled_into.append(None if out_dir is None else str(out_dir))

@@ -336,6 +336,21 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat.new_zeros(batch, 0, self.embed_dim)
         return torch.cat(next_inputs, dim=1)
 
+    def own_scale_input(self, h: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """A scale's code map h (B, Cvae, pn, pn) as HMAR's mask branch reads it: bicubic up to the
+        latent size, its Phi, then area-resampled back to pn x pn."""
+        pn = self.patch_nums[scale_index]
+        return F.interpolate(self.upsampled_code(h, scale_index), size=(pn, pn), mode="area")
+
+    def idx_to_mask_input(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """The mask branch's teacher-forcing input (B, L - pn_1^2, Cvae): for k = 1..K-1, scale k's
+        own tokens through ``own_scale_input``, flattened row-major, concatenated over k."""
+        inputs = [self.own_scale_input(self.code_map(indices[k], k), k).flatten(2).transpose(1, 2)
+                  for k in range(1, len(self.patch_nums))]
+        if not inputs:
+            return self.embedding.weight.new_zeros(indices[0].shape[0], 0, self.embed_dim)
+        return torch.cat(inputs, dim=1)
+
     def add_scale(self, f_hat: torch.Tensor, scale_index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One sampler step: add scale ``scale_index``'s code map h (B, Cvae, pn, pn) to f_hat.
 
@@ -455,6 +470,12 @@ class VQVAE(nn.Module):
         last scale's are not read): f_hat after scales < k area-resampled to scale k, for k = 1..K-1."""
         self._check_indices(indices, len(self.patch_nums))
         return self.quantize.idx_to_var_input(indices)
+
+    def idx_to_mask_input(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """The mask branch's teacher-forcing input (B, L - 1, Cvae): each scale k >= 1's own tokens
+        (see ``MultiScaleQuantizer.idx_to_mask_input``)."""
+        self._check_indices(indices, len(self.patch_nums))
+        return self.quantize.idx_to_mask_input(indices)
 
     def add_scale(self, f_hat: torch.Tensor, scale_index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampler step; see ``MultiScaleQuantizer.add_scale``. Start from ``new_fhat(B)``."""

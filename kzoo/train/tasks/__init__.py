@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = {"classify": "kzoo.train.tasks.classify", "vqvae": "kzoo.train.tasks.vqvae"}
+TASKS = {"classify": "kzoo.train.tasks.classify", "vqvae": "kzoo.train.tasks.vqvae", "hmar": "kzoo.train.tasks.hmar",
+         "hmar-mask": "kzoo.train.tasks.hmar_mask"}
 
 
 def task_module(name: str) -> ModuleType:

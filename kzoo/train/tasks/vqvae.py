@@ -153,8 +153,9 @@ class VQVAETask(Task):
                 "psnr": psnr(out.reconstruction, images).sum().item(), "count": float(batch_size)}
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, out_dir: Path | None, epoch: int) -> None:
-        """Originals over reconstructions of the first validation images, and codebook utilisation."""
+    def sample(self, model: nn.Module, out_dir: Path | None, epoch: int | None, step: int) -> None:
+        """Originals over reconstructions of the first validation images, and, at epoch ends,
+        codebook utilisation."""
         shown = self.val_set if self.val_set is not None else self.train_set
         count = min(SAMPLE_IMAGES, len(shown))
         images = torch.stack([shown[i][0] for i in range(count)]).to(next(model.parameters()).device)
@@ -166,8 +167,11 @@ class VQVAETask(Task):
             return
         folder = out_dir / "reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat([images, reconstruction]).cpu(), folder / f"epoch-{epoch:04d}.png", nrow=count,
-                   normalize=True, value_range=(-1, 1))
+        name = f"step-{step:07d}.png" if epoch is None else f"epoch-{epoch:04d}.png"
+        save_image(torch.cat([images, reconstruction]).cpu(), folder / name, nrow=count, normalize=True,
+                   value_range=(-1, 1))
+        if epoch is None:
+            return
         usage = utilisation(model.quantize, self.args.dead_code_threshold)
         print(f"codebook: {usage['used_fraction']:.1%} of codes alive, perplexity {usage['perplexity']:.1f}",
               file=sys.stderr)

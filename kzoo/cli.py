@@ -32,6 +32,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = bench.run(device, resolutions=args.sizes and args.sizes.split(","), batch=args.batch,
                            repeats=args.repeats or 5, out_dir=Path(args.out))
+    elif args.what == "hmar":
+        from kzoo.bench import hmar as bench
+
+        result = bench.run(device, schedules=args.sizes and args.sizes.split(","), batch=args.batch,
+                           iters=args.repeats, out_dir=Path(args.out))
     else:
         from kzoo.bench import models as bench
 
@@ -83,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="benchmark kzoo's kernels and models")
-    bench.add_argument("what", choices=["rational", "attention", "models"],
+    bench.add_argument("what", choices=["rational", "attention", "models", "hmar"],
                        help="rational: the activation op; attention: block-sparse attention on HMAR/VAR "
-                            "layouts; models: KAT against DeiT throughput")
+                            "layouts; models: KAT against DeiT throughput; hmar: HMAR against VAR mode, "
+                            "training steps, sampling and memory")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--batch", type=int, default=None,
                        help="batch size (rational: of the KAT shapes, default 128; attention: 1 on CPU, 4 on GPU; "
@@ -95,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "on CPU at least 2 s of them per shape and pass; models: 10 on CPU, 40 on GPU)")
     bench.add_argument("--sizes", default=None,
                        help="models: comma-separated KAT/DeiT sizes (default tiny,small,base); attention: "
-                            "comma-separated HMAR resolutions (default 256,512 on CPU, 256,512,1024 on GPU)")
+                            "comma-separated HMAR resolutions (default 256,512 on CPU, 256,512,1024 on GPU); "
+                            "hmar: schedules (default 256 on CPU with depth 2, 256,512 on GPU with d16)")
     bench.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plot")
     bench.set_defaults(run=_bench)
 

@@ -284,6 +284,13 @@ class NextScaleTransformer(nn.Module):
             ada_weight[2 * self.embed_dim:].mul_(init_adaln)
             ada_weight[:2 * self.embed_dim].mul_(init_adaln_gamma)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names timm's optimizer factory keeps out of weight decay (besides biases and 1-D
+        parameters): the position and level tables and the attention logit scales, as VAR's."""
+        return {"pos_start", "pos_1LC", "lvl_embed.weight"} | {
+            name for name, _ in self.named_parameters() if name.endswith("scale_mul_1H11")}
+
     def _check_inputs(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor) -> None:
         if label_B.ndim != 1 or label_B.dtype.is_floating_point or label_B.dtype == torch.bool:
             raise ValueError(f"labels must be a 1-D integer tensor, got {label_B.dtype} "

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.data import create_transform
 from torch import nn
+from torchvision import transforms
 from torchvision.utils import save_image
 
 from kzoo.data.folder import image_folder
@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='extra model arguments as JSON, e.g. \'{"depth": 6, "embed_dim": 192}\'')
     data.add_argument("--mode", choices=("hmar", "var"), default="hmar",
                       help="hmar: Markovian attention (a scale sees its own tokens); var: block-causal (VAR)")
+    data.add_argument("--train-resize", type=float, default=1.0,
+                      help="resize the shorter side to this many times the image size (Lanczos), then crop: "
+                           "randomly in training, centrally in evaluation (VAR's ImageNet recipe: 1.125)")
     data.add_argument("--loss-weights", choices=LOSS_WEIGHTS, default="lognorm",
                       help="per-scale loss weights: HMAR's log-normal ones, or VAR's uniform weight per token")
     grid = parser.add_argument_group("sample grids (the run folder's samples/)")
@@ -97,6 +100,16 @@ def token_weights(patch_nums: tuple[int, ...], kind: str) -> torch.Tensor:
     if kind == "uniform":
         return torch.full((int(sizes.sum()),), 1 / float(sizes.sum()), dtype=torch.float64)
     return torch.repeat_interleave(lognorm_scale_weights(patch_nums) / sizes, sizes)
+
+
+def image_transforms(channels: int, side: int, resize: float) -> tuple[transforms.Compose, transforms.Compose]:
+    """(train, eval) transforms to [-1, 1] images of ``side`` pixels: the shorter side resized to
+    ``resize * side`` with Lanczos, then a random (train) or central (eval) crop, as VAR's data."""
+    resized = round(side * resize)
+    to_tensor = [transforms.ToTensor(), transforms.Normalize((0.5,) * channels, (0.5,) * channels)]
+    resize_step = transforms.Resize(resized, interpolation=transforms.InterpolationMode.LANCZOS)
+    return (transforms.Compose([resize_step, transforms.RandomCrop(side), *to_tensor]),
+            transforms.Compose([resize_step, transforms.CenterCrop(side), *to_tensor]))
 
 
 # --- loading the parts -----------------------------------------------------------------------------
@@ -185,10 +198,11 @@ class HMARTask(Task):
         self.model_kwargs["patch_nums"] = list(shape.patch_nums)  # plain values for the checkpoint's JSON
         self.num_classes = shape.num_classes
         self.weights = token_weights(shape.patch_nums, args.loss_weights).float()
-        channels, side = self.vqvae.in_channels, self.vqvae.img_size
-        self.transform = create_transform((channels, side, side), is_training=False, interpolation="bicubic",
-                                          crop_pct=1.0, mean=(0.5,) * channels, std=(0.5,) * channels)
-        self.img_mode = "L" if channels == 1 else "RGB"
+        if args.train_resize < 1.0:
+            raise ValueError(f"--train-resize must be at least 1, got {args.train_resize}")
+        self.train_transform, self.eval_transform = image_transforms(self.vqvae.in_channels, self.vqvae.img_size,
+                                                                     args.train_resize)
+        self.img_mode = "L" if self.vqvae.in_channels == 1 else "RGB"
         self.train_set = None
 
     def setup(self, device: torch.device) -> None:
@@ -201,8 +215,8 @@ class HMARTask(Task):
     def build_model(self) -> nn.Module:
         return TRANSFORMER_MODELS[self.args.model](**self.model_kwargs)
 
-    def _dataset(self, split: str):
-        dataset = image_folder(self.args.data_dir, split, transform=self.transform, input_img_mode=self.img_mode)
+    def _dataset(self, split: str, transform):
+        dataset = image_folder(self.args.data_dir, split, transform=transform, input_img_mode=self.img_mode)
         classes = len(dataset.dataset.reader.class_to_idx)
         if classes > self.num_classes:
             raise ValueError(f"{Path(self.args.data_dir) / split}: {classes} classes, but {self.args.model} has "
@@ -210,11 +224,11 @@ class HMARTask(Task):
         return dataset
 
     def train_dataset(self):
-        self.train_set = self._dataset(self.args.train_split)
+        self.train_set = self._dataset(self.args.train_split, self.train_transform)
         return self.train_set
 
     def val_dataset(self):
-        return self._dataset(self.args.val_split) if self.args.val_split else None
+        return self._dataset(self.args.val_split, self.eval_transform) if self.args.val_split else None
 
     def sample_names(self, dataset):
         return dataset.dataset.filenames()

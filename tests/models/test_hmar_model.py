@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kzoo.kernels import scale_ranges
+from kzoo.kernels import scale_ranges, use_backend
 from kzoo.models.hmar.hmar import (NextScaleTransformer, from_official_layout, hmar_d16, hmar_mnist,
                                    is_combined_layout, load_official, to_official_layout, var_d16)
+from tests.conftest import TRITON_DEVICE
 
 # The var_d16 and hmar_d16 entries of shared/reference/hmar_official_keys.json: built from the
 # official classes.
@@ -258,6 +259,25 @@ def test_forward_matches_a_float64_recomputation_with_dense_masked_attention(att
     model = _tiny_model(attention_mode).double()
     labels, x = _inputs(model, batch=3)
     torch.testing.assert_close(model(labels, x.double()), _reference_logits(model, labels, x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("attention_mode", ["markov", "block_causal"])
+def test_triton_and_cpu_paths_give_the_same_logits_and_gradients(attention_mode):
+    """The Triton kernels (the interpreter here, the GPU where there is one) and the CPU path run the
+    same one-block model: logits and the gradients of every parameter agree, in float32."""
+    results = {}
+    for backend, device in (("auto", "cpu"), ("triton", TRITON_DEVICE)):
+        model = _tiny_model(attention_mode, depth=1).to(device)
+        labels, x = (t.to(device) for t in _inputs(model, batch=1))
+        with use_backend(backend):
+            logits = model(labels, x)
+            logits.square().mean().backward()
+        results[backend] = (logits.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()})
+    (cpu_logits, cpu_grads), (triton_logits, triton_grads) = results["auto"], results["triton"]
+    torch.testing.assert_close(triton_logits, cpu_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in cpu_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(triton_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 # --- training behaviour ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(VENV)/bin/kzoo bench rational
 	$(VENV)/bin/kzoo bench attention
 	$(VENV)/bin/kzoo bench models
+	$(VENV)/bin/kzoo bench hmar
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,9 @@ hmar-mask -> sample end to end."""
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +340,25 @@ def test_bad_input_is_one_line_and_exit_code_2(task, args, message, data, vae, h
     err = one_line_error(capsys)
     assert err.startswith("kzoo train: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_mask_stage_under_torchrun_keeps_frozen_weights_and_ranks_in_step(data, vae, hmar_run, tmp_path, sharding):
+    """Stage 2 on 2 Gloo ranks (DDP, and FSDP2 with its mix of frozen and trained parameters in one
+    unit): it finishes, the stage-1 weights come out bit-identical and the mask branch moved."""
+    repo = Path(__file__).resolve().parents[3]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kzoo",
+               "train", "hmar-mask", "--data-dir", str(data), "--vae", str(vae),
+               "--init", str(hmar_run / "checkpoints" / "last"), *TINY_HMAR, *RECIPE, "-b", "2", "--epochs", "1",
+               "--output", str(out), *(["--fsdp"] if sharding == "fsdp" else [])]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    try:
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{sharding}: the 2-rank run hung")
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage1, stage2 = last_weights(hmar_run), last_weights(out)
+    for name, tensor in stage1.items():
+        assert torch.equal(stage2[name], tensor), name
+    assert not torch.equal(stage2["mask_head.weight"], stage2["head.weight"])

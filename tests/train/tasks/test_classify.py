@@ -262,13 +262,24 @@ def classify_parser():
     return parser, args.leaf_parser
 
 
+def task_of(config: Path) -> str:
+    """The ``kzoo train`` task a shipped config is for, from its name."""
+    if config.stem.endswith("_vqvae"):
+        return "vqvae"
+    if config.stem.startswith(("hmar_", "var_")):
+        return "hmar-mask" if config.stem.endswith("_mask") else "hmar"
+    return "classify"
+
+
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_give_known_flags_values_of_their_type(config):
     """A config's values become parser defaults, which argparse never converts: a YAML ``1e-3``
     (no dot) would reach the loop as the string "1e-3". So each value must already have its flag's type."""
-    parser, leaf = classify_parser()
+    parser = build_parser()
+    task = task_of(config)
+    leaf = parser.parse_args(["train", task]).leaf_parser
     apply_config_file(leaf, config)  # unknown keys raise
-    args = parser.parse_args(["train", "classify"])
+    args = parser.parse_args(["train", task])
     actions = {action.dest: action for action in leaf._actions}
     for key, value in yaml.safe_load(config.read_text()).items():
         action = actions[key.replace("-", "_")]
@@ -280,6 +291,26 @@ def test_shipped_configs_give_known_flags_values_of_their_type(config):
                 assert isinstance(item, allowed) and (kind is bool or not isinstance(item, bool)), (key, item)
             if action.choices:
                 assert item in action.choices, (key, item)
+
+
+@pytest.mark.parametrize("depth, global_batch, epochs, tblr, alng, wpe", [
+    (16, 768, 200, 1e-4, 1e-3, 0.1), (20, 768, 250, 1e-4, 1e-3, 0.1), (24, 768, 350, 8e-5, 1e-4, 0.01),
+    (30, 1024, 350, 8e-5, 1e-5, 0.01)])
+def test_hmar_imagenet_presets_are_the_official_recipe(depth, global_batch, epochs, tblr, alng, wpe):
+    """hmar.md §5.2/§5.3: lr = tblr x global batch / 256 on 8 GPUs, AdamW (0.9, 0.95), clip 2, fp16,
+    lognorm weights, VAR's crop; stage 2 the same for 100 epochs with an 8-block mask branch."""
+    for stage, task in (("", "hmar"), ("_mask", "hmar-mask")):
+        parser = build_parser()
+        apply_config_file(parser.parse_args(["train", task]).leaf_parser, REPO / "configs" / f"hmar_d{depth}{stage}.yaml")
+        args = parser.parse_args(["train", task])
+        assert args.model == f"hmar_d{depth}" and args.mode == "hmar" and args.batch_size * 8 == global_batch
+        assert args.epochs == (100 if stage else epochs)
+        assert args.lr == pytest.approx(tblr * global_batch / 256) and args.min_lr == pytest.approx(args.lr * wpe)
+        assert (args.opt, args.opt_betas, args.weight_decay, args.clip_grad) == ("adamw", [0.9, 0.95], 0.05, 2.0)
+        assert args.amp and args.amp_dtype == "float16" and args.train_resize == 1.125
+        assert args.model_kwargs == {"init_adaln_gamma": alng} and args.loss_weights == "lognorm"
+        if stage:
+            assert args.mask_branch_depth == 8
 
 
 @pytest.mark.parametrize("size, drop_path", [("tiny", 0.1), ("small", 0.1), ("base", 0.4)])

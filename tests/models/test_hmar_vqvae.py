@@ -3,9 +3,11 @@ the teacher-forcing input by hand, losses, gradients, input checks and the offic
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from kzoo.models.hmar import VQVAE, load_official, phi_index, vqvae_f16_4096, vqvae_mnist
 
@@ -227,3 +229,22 @@ def test_loader_accepts_buffers_and_rejects_misfits_in_one_line(tmp_path):
         with pytest.raises(ValueError, match="cannot read checkpoint") as error:
             _mnist_model().load_official(tmp_path / name)
         assert "\n" not in str(error.value)
+
+
+@torch.no_grad()
+def test_the_bundled_tokenizer_reconstructs_digits_better_with_every_scale():
+    """The bundled MNIST tokenizer on the bundled test digits: the reconstruction from the first k
+    scales gains PSNR with every scale added, and all six reach the PSNR of a trained tokenizer."""
+    from kzoo.sample import BUNDLED_VAE
+    from kzoo.train.tasks.hmar import load_vqvae
+    from kzoo.train.tasks.vqvae import psnr
+
+    model = load_vqvae(BUNDLED_VAE)
+    files = sorted((BUNDLED_VAE.parent / "mnist_digits").glob("*.png"))
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 127.5 - 1)[None]
+                          for f in files])
+    indices = model.img_to_idx(images)
+    quality = [psnr(model.fhat_to_img(model.quantize.idx_to_fhat(indices[:k])), images).mean().item()
+               for k in range(1, len(model.patch_nums) + 1)]
+    assert all(later > earlier for earlier, later in zip(quality, quality[1:])), quality
+    assert quality[-1] > 22, quality

@@ -7,7 +7,6 @@ folder and read as the zip file it is; it is never installed (it pins numpy belo
 from __future__ import annotations
 
 import gzip
-import io
 import struct
 import subprocess
 import sys

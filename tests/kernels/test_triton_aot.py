@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 
-
 def compile_module(module: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("aot_compile.py")

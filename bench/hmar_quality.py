@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import kzoo  # noqa: F401  (registers the KAT models with timm)
-from kzoo.demo import BUNDLED_MODEL
+from kzoo.demo import BUNDLED_MODEL, import_cpp_extension_without_cuda_warning
 from kzoo.train.tasks.classify import eval_transform, load_classifier
 
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier", default=str(BUNDLED_MODEL), help="a kzoo classify checkpoint")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
+    import_cpp_extension_without_cuda_warning()
     result = evaluate(Path(args.samples), Path(args.data_dir), args.classifier, args.split)
     print(f"{result['count']} samples: {result['consistency']:.1%} labelled as their class, "
           f"within-class pixel std {result['diversity_ratio']:.2f}x the real data's")

@@ -69,8 +69,8 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
     stage = parser.add_argument_group("masked-prediction stage")
     stage.add_argument("--init", default=None,
-                       help="the stage-1 model to start from: a kzoo train hmar checkpoint (folder or .safetensors) "
-                            "or an official HMAR stage-1 / VAR-layout file")
+                       help="the stage-1 model to start from: a kzoo train hmar checkpoint (folder, whose EMA "
+                            "weights are taken when it has them, or .safetensors) or an official HMAR stage-1 file")
     stage.add_argument("--mask-branch-depth", type=int, default=None,
                        help="blocks in the mask branch, copied from the last ones (default: 8, as the official "
                             "models, or half the depth if that is less)")

@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kzoo import sample
 
-    sampler = commands.add_parser("sample", help="class-conditional images from an HMAR or VAR model",
-                                  description=sample.__doc__.split("\n\n")[0])
+    sampler = commands.add_parser(
+        "sample", help="class-conditional images from an HMAR or VAR model",
+        description="Class-conditional images from an HMAR or VAR model: one PNG per sample, grid.png and "
+                    "samples.npz. Without --checkpoint, the MNIST models bundled with kzoo.")
     sample.add_arguments(sampler)
     sampler.set_defaults(run=_sample)
 

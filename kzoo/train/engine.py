@@ -50,7 +50,7 @@ from kzoo.train import checkpoint, distributed
 from kzoo.train.config import TrainConfig
 from kzoo.train.records import RunRecords
 from kzoo.train.sampler import SeededSamples, ShardedBatchSampler
-from kzoo.train.task import Task
+from kzoo.train.task import Task, evaluating
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -598,17 +598,14 @@ def evaluate(eval_sums, model: torch.nn.Module, loader, context: distributed.Con
              desc: str = "eval") -> dict[str, float]:
     """Metric means over a whole evaluation set: ``eval_sums(model, batch)`` (a Task's) summed exactly
     over batches and ranks, then divided by the summed ``count``."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
     stoppable = hasattr(loader.batch_sampler, "stop")
-    with (_batches(loader) if stoppable else nullcontext(iter(loader))) as batches:
+    with evaluating(model), (_batches(loader) if stoppable else nullcontext(iter(loader))) as batches:
         for batch in tqdm(batches, total=len(loader), desc=desc, disable=not context.is_main, leave=False,
                           dynamic_ncols=True):
             with autocast():
                 for key, value in eval_sums(model, _to_device(batch, context.device)).items():
                     sums[key] = sums.get(key, 0.0) + float(value)
-    model.train(was_training)
     keys = sorted(sums)
     totals = dict(zip(keys, distributed.all_sum(context, [sums[k] for k in keys])))
     count = totals.pop("count", 0.0)

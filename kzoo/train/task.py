@@ -6,7 +6,8 @@ Everything else (devices, distribution, precision, optimizers, checkpoints, reco
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,3 +63,21 @@ class Task:
         is the finished one) and every ``--sample-every`` steps (``epoch`` is None). Called on
         every rank, because under FSDP each forward of the sharded model is a collective; rank 0
         gets the run folder to write into, the other ranks ``None``."""
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def picture_path(out_dir: Path, folder: str, epoch: int | None, step: int) -> Path:
+    """Where ``Task.sample`` writes its picture: ``out_dir/folder/epoch-EEEE.png`` at an epoch end,
+    ``step-SSSSSSS.png`` for ``--sample-every``; the folder is made."""
+    (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    return out_dir / folder / (f"step-{step:07d}.png" if epoch is None else f"epoch-{epoch:04d}.png")

@@ -34,7 +34,7 @@ from kzoo.models.hmar.hmar import load_official as load_official_transformer
 from kzoo.models.hmar.vqvae import load_official as load_official_vqvae
 from kzoo.models.hub import resolve_weights
 from kzoo.train import checkpoint
-from kzoo.train.task import Task
+from kzoo.train.task import Task, evaluating, picture_path
 
 HELP = "HMAR's next-scale transformer (stage 1; --mode var for VAR) on a frozen VQ-VAE's tokens"
 LOSS_WEIGHTS = ("lognorm", "uniform")
@@ -267,17 +267,11 @@ class HMARTask(Task):
         device = next(model.parameters()).device
         classes = torch.arange(min(GRID_CLASSES, self.num_classes), device=device)
         labels = classes.repeat_interleave(GRID_PER_CLASS)
-        was_training = model.training
-        model.eval()
-        images = sample_images(model, self.vqvae, labels, cfg=self.args.sample_cfg, top_k=self.args.sample_top_k,
-                               seed=0)
-        model.train(was_training)
-        if out_dir is None:
-            return
-        folder = out_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:07d}.png" if epoch is None else f"epoch-{epoch:04d}.png"
-        save_image(images.cpu(), folder / name, nrow=GRID_PER_CLASS, padding=1)
+        with evaluating(model):
+            images = sample_images(model, self.vqvae, labels, cfg=self.args.sample_cfg,
+                                   top_k=self.args.sample_top_k, seed=0)
+        if out_dir is not None:
+            save_image(images.cpu(), picture_path(out_dir, "samples", epoch, step), nrow=GRID_PER_CLASS, padding=1)
 
 
 class HMARMaskTask(HMARTask):

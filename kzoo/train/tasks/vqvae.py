@@ -33,7 +33,7 @@ from torchvision.utils import save_image
 
 from kzoo.data.folder import image_folder
 from kzoo.models.hmar import VQVAE, VQVAE_MODELS, MultiScaleQuantizer
-from kzoo.train.task import Task
+from kzoo.train.task import Task, evaluating, picture_path
 
 HELP = "the multi-scale VQ-VAE tokenizer of HMAR/VAR on an ImageFolder tree"
 
@@ -159,17 +159,12 @@ class VQVAETask(Task):
         shown = self.val_set if self.val_set is not None else self.train_set
         count = min(SAMPLE_IMAGES, len(shown))
         images = torch.stack([shown[i][0] for i in range(count)]).to(next(model.parameters()).device)
-        was_training = model.training
-        model.eval()
-        reconstruction = model(images).reconstruction.float().clamp(-1, 1)  # every rank: a collective under FSDP
-        model.train(was_training)
+        with evaluating(model):
+            reconstruction = model(images).reconstruction.float().clamp(-1, 1)  # every rank: a collective under FSDP
         if out_dir is None:
             return
-        folder = out_dir / "reconstructions"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:07d}.png" if epoch is None else f"epoch-{epoch:04d}.png"
-        save_image(torch.cat([images, reconstruction]).cpu(), folder / name, nrow=count, normalize=True,
-                   value_range=(-1, 1))
+        save_image(torch.cat([images, reconstruction]).cpu(), picture_path(out_dir, "reconstructions", epoch, step),
+                   nrow=count, normalize=True, value_range=(-1, 1))
         if epoch is None:
             return
         usage = utilisation(model.quantize, self.args.dead_code_threshold)

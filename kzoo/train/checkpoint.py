@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
 
 MODEL_FILE, EMA_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "state.pt"
 
@@ -126,6 +127,29 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         return load_file(str(file)), metadata
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{file}: unreadable safetensors file ({error})") from None
+
+
+def read_kzoo_model(path: str | Path, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(weights, model config) of a kzoo checkpoint folder (its EMA weights when it has them and
+    ``prefer_ema``) or of a kzoo ``.safetensors`` file; None for any other file, which the caller
+    may read as a third-party format."""
+    path = Path(path)
+    if not (path.is_dir() or path.suffix == ".safetensors"):
+        return None
+    file = path / EMA_FILE if prefer_ema and path.is_dir() and (path / EMA_FILE).exists() else path
+    weights, metadata = read_weights(file)
+    if metadata.get("format") != "kzoo":
+        return None
+    return weights, json.loads(metadata["config"])
+
+
+def load_strict(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> nn.Module:
+    """``model`` with ``weights`` loaded, or a one-line error naming ``source`` when they do not fit."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not fit the model it names (missing {len(missing)} keys, e.g. "
+                         f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
+    return model
 
 
 def load(path: str | Path) -> Checkpoint:

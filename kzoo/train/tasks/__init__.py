@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 
 TASKS = {"classify": "kzoo.train.tasks.classify", "vqvae": "kzoo.train.tasks.vqvae", "hmar": "kzoo.train.tasks.hmar",
-         "hmar-mask": "kzoo.train.tasks.hmar_mask"}
+         "hmar-mask": "kzoo.train.tasks.hmar_mask", "normal": "kzoo.train.tasks.normal"}
 
 
 def task_module(name: str) -> ModuleType:

@@ -113,38 +113,18 @@ def image_transforms(channels: int, side: int, resize: float) -> tuple[transform
 
 # --- loading the parts -----------------------------------------------------------------------------
 
-def _kzoo_weights(path: Path, prefer_ema: bool) -> tuple[dict, dict] | None:
-    """(weights, model config) of a kzoo checkpoint folder or .safetensors, or None for other files."""
-    if not (path.is_dir() or path.suffix == ".safetensors"):
-        return None
-    file = path / checkpoint.EMA_FILE if prefer_ema and path.is_dir() and (path / checkpoint.EMA_FILE).exists() \
-        else path
-    weights, metadata = checkpoint.read_weights(file)
-    if metadata.get("format") != "kzoo":
-        return None
-    return weights, json.loads(metadata["config"])
-
-
-def _load_strict(model: nn.Module, weights: dict, source: Path) -> nn.Module:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{source}: does not fit the model it names (missing {len(missing)} keys, e.g. "
-                         f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
-    return model
-
-
 def load_vqvae(spec: str | Path, prefer_ema: bool = True) -> VQVAE:
     """A tokenizer in eval mode from a ``kzoo train vqvae`` checkpoint (its EMA weights when it has
     them and ``prefer_ema``) or from VAR's official file. One-line errors name the file."""
     path = resolve_weights(spec)
-    found = _kzoo_weights(path, prefer_ema)
+    found = checkpoint.read_kzoo_model(path, prefer_ema)
     if found is None:
         return load_official_vqvae(path).eval()
     weights, config = found
     name = config.pop("model")
     if name not in VQVAE_MODELS:
         raise ValueError(f"{path}: a checkpoint of {name}, not of a VQ-VAE tokenizer ({', '.join(VQVAE_MODELS)})")
-    return _load_strict(VQVAE_MODELS[name](**config), weights, path).eval()
+    return checkpoint.load_strict(VQVAE_MODELS[name](**config), weights, path).eval()
 
 
 def load_transformer(spec: str | Path, prefer_ema: bool = True,
@@ -154,7 +134,7 @@ def load_transformer(spec: str | Path, prefer_ema: bool = True,
     overrides an official file's (an HMAR stage-1 file has VAR's layout); a kzoo checkpoint must
     have been trained with it."""
     path = resolve_weights(spec)
-    found = _kzoo_weights(path, prefer_ema)
+    found = checkpoint.read_kzoo_model(path, prefer_ema)
     if found is None:
         mode = {} if attention_mode is None else {"attention_mode": attention_mode}
         return load_official_transformer(path, **mode).eval(), None
@@ -167,7 +147,7 @@ def load_transformer(spec: str | Path, prefer_ema: bool = True,
     config.pop("init", None)
     if attention_mode is not None and config.get("attention_mode", "markov") != attention_mode:
         raise ValueError(f"{path}: trained with {config.get('attention_mode')} attention, not {attention_mode}")
-    return _load_strict(TRANSFORMER_MODELS[name](**config), weights, path).eval(), vae
+    return checkpoint.load_strict(TRANSFORMER_MODELS[name](**config), weights, path).eval(), vae
 
 
 # --- the tasks --------------------------------------------------------------------------------------

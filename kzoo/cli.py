@@ -32,6 +32,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = bench.run(device, resolutions=args.sizes and args.sizes.split(","), batch=args.batch,
                            repeats=args.repeats or 5, out_dir=Path(args.out))
+    elif args.what == "normal":
+        from kzoo.bench import normal as bench
+
+        result = bench.run(device, resolutions=args.sizes and args.sizes.split(","), batch=args.batch,
+                           iters=args.repeats, out_dir=Path(args.out))
     elif args.what == "hmar":
         from kzoo.bench import hmar as bench
 
@@ -112,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="benchmark kzoo's kernels and models")
-    bench.add_argument("what", choices=["rational", "attention", "models", "hmar"],
+    bench.add_argument("what", choices=["rational", "attention", "models", "hmar", "normal"],
                        help="rational: the activation op; attention: block-sparse attention on HMAR/VAR "
                             "layouts; models: KAT against DeiT throughput; hmar: HMAR against VAR mode, "
-                            "training steps, sampling and memory")
+                            "training steps, sampling and memory; normal: StableNormal images/s, turbo and "
+                            "refined, and the scene renderer's images/s")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--batch", type=int, default=None,
                        help="batch size (rational: of the KAT shapes, default 128; attention: 1 on CPU, 4 on GPU; "
@@ -126,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", default=None,
                        help="models: comma-separated KAT/DeiT sizes (default tiny,small,base); attention: "
                             "comma-separated HMAR resolutions (default 256,512 on CPU, 256,512,1024 on GPU); "
-                            "hmar: schedules (default 256 on CPU with depth 2, 256,512 on GPU with d16)")
+                            "hmar: schedules (default 256 on CPU with depth 2, 256,512 on GPU with d16); normal: "
+                            "resolutions (default 256,512)")
     bench.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plot")
     bench.set_defaults(run=_bench)
 
@@ -212,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", default=None,
                       help="a kzoo checkpoint (folder or .safetensors), or third-party weights for --model "
                            "such as the official KAT .pth; a local path or hf-hub:ORG/REPO/FILE")
-    demo.add_argument("--out", default="runs/demo", help="folder for the demo's pictures")
+    demo.add_argument("--out", default="demo-out", help="folder for the demo's pictures and normal maps")
     demo.set_defaults(run=_demo)
     return parser
 

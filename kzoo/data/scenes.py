@@ -21,7 +21,7 @@ and batch sizes never change an image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,19 @@ def sample_scene(seed: int, index: int, size: tuple[int, int] = (128, 128), shap
     scene.noise_std = _uniform(g, 0.0, 0.03)
     scene.blur_sigma = _uniform(g, 0.0, 1.0) if torch.rand((), generator=g) < 0.5 else 0.0
     return scene
+
+
+def panned(scene: Scene, yaw_degrees: float) -> Scene:
+    """``scene`` seen by the camera turned ``yaw_degrees`` to the left about its vertical axis: the
+    world (room, objects, lights, world-space paint) turns the other way around the camera."""
+    angle = math.radians(-yaw_degrees)
+    turn = torch.tensor([[math.cos(angle), 0.0, math.sin(angle)], [0.0, 1.0, 0.0],
+                         [-math.sin(angle), 0.0, math.cos(angle)]])
+    objects = [dict(obj, center=turn @ obj["center"], rotation=turn @ obj["rotation"]) for obj in scene.objects]
+    paint = None if scene.world_paint is None else dict(scene.world_paint,
+                                                        frequencies=scene.world_paint["frequencies"] @ turn.T)
+    return replace(scene, room_rotation=turn @ scene.room_rotation, room_center=turn @ scene.room_center,
+                   objects=objects, lights=scene.lights @ turn.T, world_paint=paint)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,3 +93,23 @@ def test_paired_speedup_is_the_median_of_same_round_ratios():
 
     # Round ratios 2, 3, 1: median 2; the ratio of the medians would be 12 / 10 = 1.2.
     assert paired_speedup([10.0, 30.0, 12.0], [5.0, 10.0, 12.0]) == 2.0
+
+
+def test_normal_bench_writes_results(tmp_path):
+    from kzoo.bench import normal
+    from kzoo.train.tasks.normal import build_pipeline, save_pipeline
+
+    estimator = {"model": "yoso_kat", "embed_dim": 32, "depth": 1, "num_heads": 2, "stem_widths": [8, 16],
+                 "out_widths": [16, 16], "native_size": 32}
+    refiner = {"model": "sgdrn_small", "semantic_channels": 16, "widths": [8, 16], "dim": 32, "depth": 1,
+               "num_heads": 2, "cond_dim": 32}
+    save_pipeline(build_pipeline(estimator, refiner), tmp_path / "tiny.safetensors", estimator, refiner)
+    result = normal.run(torch.device("cpu"), resolutions=(48,), iters=1, render_images=3, workers=0,
+                        out_dir=tmp_path, checkpoint=tmp_path / "tiny.safetensors")
+    payload = json.loads(result["json"].read_text())
+    row, = payload["rows"]
+    assert row["resolution"] == 48 and row["steps"] == 10
+    assert row["images_per_s"]["turbo"] > row["images_per_s"]["refined"] > 0
+    assert payload["renderer"]["images"] == 3 and payload["renderer"]["images_per_s"] > 0
+    assert result["plot"].read_bytes()[:4] == b"\x89PNG"
+    assert "| 48px | 1 |" in normal.table(payload)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kzoo.data import normals as normal_sets
-from kzoo.data.scenes import SHAPES, Scene, camera_rays, render, sample_scene
+from kzoo.data.scenes import SHAPES, Scene, camera_rays, panned, render, sample_scene
 from kzoo.models.stablenormal import ray_directions
 
 
@@ -196,3 +196,19 @@ def test_dataset_crop_and_flip_keep_rays_and_normals_consistent(tmp_path):
 def test_dataset_refuses_a_folder_without_manifest(tmp_path):
     with pytest.raises(ValueError, match="no manifest.json"):
         normal_sets.NormalScenes(tmp_path)
+
+
+def test_a_panned_camera_sees_the_same_world_turned():
+    """Turning the camera left by 5 degrees turns the world right about the camera: every room pixel's
+    normal is a face normal of the room turned that way, and zero yaw changes nothing."""
+    scene = sample_scene(8, 1, (40, 40))
+    assert torch.equal(render(panned(scene, 0.0)).normal, render(scene).normal)
+    angle = math.radians(-5.0)
+    turn = torch.tensor([[math.cos(angle), 0.0, math.sin(angle)], [0.0, 1.0, 0.0],
+                         [-math.sin(angle), 0.0, math.cos(angle)]])
+    for view, rotation in ((render(scene), scene.room_rotation), (render(panned(scene, 5.0)), turn @ scene.room_rotation)):
+        faces = torch.cat([rotation.T, -rotation.T])  # rows: the six face normals in camera space
+        room = view.normal[view.surface == 0]
+        assert room.shape[0] > 100
+        distance = (room[:, None] - faces[None]).norm(dim=-1).min(dim=1).values
+        assert distance.max() < 1e-5

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def angular_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean angle in radians between unit normals (B, 3, H, W) over the valid pixels."""
-    cos = (pred.float() * gt).sum(1).clamp(-MAX_COS, MAX_COS)
+    cos = (pred.to(torch.promote_types(pred.dtype, torch.float32)) * gt).sum(1).clamp(-MAX_COS, MAX_COS)
     return torch.acos(cos)[mask].mean() if mask.any() else pred.sum() * 0
 
 
@@ -156,7 +156,11 @@ class NormalTask(Task):
 
     def setup(self, device: torch.device) -> None:
         if self.args.stage == "sgdrn":
-            estimator, self.estimator_path = load_estimator(self.args.estimator)
+            estimator, path = load_estimator(self.args.estimator)
+            # Recorded absolute, and through moving links (checkpoints/last, best), so the refiner's
+            # checkpoint names the estimator it was trained on from any working directory; a file's own
+            # link (the Hub cache's blob) is kept, since its name says it is a .safetensors.
+            self.estimator_path = path.resolve() if path.is_dir() else path.parent.resolve() / path.name
             self.estimator = estimator.to(device).requires_grad_(False)
             self.model_kwargs.setdefault("semantic_channels", self.estimator.semantic_channels)
         self.alphas_cumprod = alphas_cumprod(device).float()

@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(VENV)/bin/kzoo bench attention
 	$(VENV)/bin/kzoo bench models
 	$(VENV)/bin/kzoo bench hmar
+	$(VENV)/bin/kzoo bench normal
 
 clean:
 	rm -rf $(VENV) build *.egg-info

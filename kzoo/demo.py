@@ -273,7 +273,7 @@ def normal_demo(out_dir: Path) -> int:
         args = parser.parse_args([str(inputs / "scene.png"), "-o", str(target), "--steps", str(steps), "--save-npy",
                                   "--fov", str(scene.fov_degrees)])
         start = time.perf_counter()
-        status = normal.run(args, torch.device("cpu")) or status
+        status = normal.run(args, torch.device("cpu"), progress=False) or status
         seconds = time.perf_counter() - start
         predicted = torch.from_numpy(np.load(target / "scene.npy"))
         errors = angular_error(predicted, truth.normal)[truth.mask]
@@ -283,7 +283,7 @@ def normal_demo(out_dir: Path) -> int:
               f"{metrics['within_22.5']:.1f}/{metrics['within_30']:.1f}%  ({seconds:.1f} s)")
     photo = sample_photos()[0]
     args = parser.parse_args([str(photo), "-o", str(folder)])
-    status = normal.run(args, torch.device("cpu")) or status
+    status = normal.run(args, torch.device("cpu"), progress=False) or status
     print(f"  normal maps: {folder}/scene.png, {folder}/turbo/scene.png, {folder}/{photo.stem}.png "
           f"(ground truth: {inputs / 'scene_ground_truth.png'})")
     return status

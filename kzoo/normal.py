@@ -242,7 +242,7 @@ def _processing_size(normal: np.ndarray, pipeline: StableNormal, args) -> np.nda
     return torch.nn.functional.normalize(tensor, dim=1)[0].permute(1, 2, 0).numpy()
 
 
-def run(args: argparse.Namespace, device: torch.device) -> int:
+def run(args: argparse.Namespace, device: torch.device, progress: bool = True) -> int:
     from kzoo.train.tasks.normal import load_pipeline
 
     if args.batch_size < 1:
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     writer = Writer(Path(args.out), args.convention, args.save_npy)
     videos = [item for item in items if item.path.suffix.lower() in VIDEO_SUFFIXES]
     images = [item for item in items if item.path.suffix.lower() not in VIDEO_SUFFIXES]
-    with tqdm(total=len(items), desc="normals", unit="file", file=sys.stderr) as bar:
+    with tqdm(total=len(items), desc="normals", unit="file", file=sys.stderr, disable=not progress) as bar:
         errors += run_images(pipeline, images, args, device, writer, bar)
         for item in videos:
             error = run_video(pipeline, item, args, device, writer)

@@ -79,6 +79,14 @@ def test_demo_classifies_the_bundled_digits_with_the_bundled_model(tmp_path):
     assert result.stdout.count("  <- wrong") == 40 - correct
     assert (tmp_path / "predictions.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "rational_presets.png").read_bytes()[:4] == b"\x89PNG"
+    # The bundled StableNormal on a held-out scene (scored against the renderer's normals) and a photo.
+    turbo, refined = (float(m) for m in re.findall(r"(?:turbo|10 refiner steps)\s+mean\s+([0-9.]+) deg", result.stdout))
+    assert 0 < refined < 30 and 0 < turbo < 30, result.stdout
+    for name in ("normal/scene.png", "normal/turbo/scene.png", "normal/grace_hopper.png",
+                 "normal/inputs/scene_ground_truth.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+    photo = Image.open(tmp_path / "normal" / "grace_hopper.png")
+    assert photo.size == (512, 600)  # the photo's own size (match-input-resolution)
 
 
 def test_demo_with_a_kzoo_checkpoint_scores_the_digits_and_reads_images_as_grayscale(

@@ -8,7 +8,8 @@
   computed in the step without gradients; the estimator stays on the task, outside the
   optimizer, the EMA, DDP and the checkpoint's weights, and its path is recorded in the model
   config. Timesteps are drawn uniformly from [1, 401] (where the heuristic sampler runs) with
-  probability 1 - ``--full-range``, else from [1, 999] (the pure-noise start).
+  probability 1 - ``--full-range``, else from [1, 999] (the pure-noise start); a fraction
+  ``--from-estimate`` of the samples is instead the sampler's first step, the estimate noised to 401.
 
 Data come from ``kzoo data normals`` (the npz layout): ``<data-dir>/<train-split>`` and
 ``<data-dir>/<val-split>``. Evaluation reports the DSINE metrics pooled over valid pixels
@@ -63,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shrinkage", type=float, default=0.4,
                        help="yoso: fraction of samples whose noise input is zeros (StableNormal's shrinkage "
                             "regulariser; 1 = plain regression)")
+    group.add_argument("--from-estimate", type=float, default=0.5,
+                       help="sgdrn: fraction of samples noised from the estimate at t = 401 (the sampler's start) "
+                            "instead of from the ground truth")
     group.add_argument("--full-range", type=float, default=0.3,
                        help="sgdrn: fraction of timesteps drawn from the whole schedule instead of [1, 401]")
 
@@ -73,14 +77,19 @@ def angular_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> to
     return torch.acos(cos)[mask].mean() if mask.any() else pred.sum() * 0
 
 
-def load_estimator(spec: str | Path) -> tuple[YOSO, Path]:
-    """A YOSO in eval mode from a ``kzoo train normal --stage yoso`` checkpoint (EMA weights when present)."""
+def _read_checkpoint(spec: str | Path) -> tuple[Path, dict, str, dict]:
+    """(path, weights, model name, the rest of the model config) of a kzoo checkpoint, EMA weights when present."""
     path = resolve_weights(spec)
     found = checkpoint.read_kzoo_model(path)
     if found is None:
         raise ValueError(f"{path}: not a kzoo checkpoint")
     weights, config = found
-    name = config.pop("model")
+    return path, weights, config.pop("model"), config
+
+
+def load_estimator(spec: str | Path) -> tuple[YOSO, Path]:
+    """A YOSO in eval mode from a ``kzoo train normal --stage yoso`` checkpoint (EMA weights when present)."""
+    path, weights, name, config = _read_checkpoint(spec)
     if name not in ESTIMATORS:
         raise ValueError(f"{path}: a checkpoint of {name}, not of a YOSO estimator ({', '.join(ESTIMATORS)})")
     return checkpoint.load_strict(ESTIMATORS[name](**config), weights, path).eval(), path
@@ -89,12 +98,7 @@ def load_estimator(spec: str | Path) -> tuple[YOSO, Path]:
 def load_pipeline(spec: str | Path) -> StableNormal:
     """The pipeline of a bundled-style file (estimator and refiner in one), a YOSO checkpoint
     (turbo only), or an SG-DRN checkpoint (with the estimator it was trained on). One-line errors."""
-    path = resolve_weights(spec)
-    found = checkpoint.read_kzoo_model(path)
-    if found is None:
-        raise ValueError(f"{path}: not a kzoo checkpoint")
-    weights, config = found
-    name = config.pop("model")
+    path, weights, name, config = _read_checkpoint(spec)
     if name in ESTIMATORS:
         return StableNormal(load_estimator(path)[0]).eval()
     if name in REFINERS:
@@ -146,8 +150,9 @@ class NormalTask(Task):
             raise ValueError(f"--stage {args.stage} trains one of {', '.join(models)}, not {self.model_name!r}")
         if args.stage == "sgdrn" and not args.estimator:
             raise ValueError("--stage sgdrn needs --estimator (a kzoo train normal --stage yoso checkpoint)")
-        if not 0 <= args.shrinkage <= 1 or not 0 <= args.full_range <= 1:
-            raise ValueError(f"--shrinkage {args.shrinkage} and --full-range {args.full_range} must lie in [0, 1]")
+        for flag in ("shrinkage", "full_range", "from_estimate"):
+            if not 0 <= getattr(args, flag) <= 1:
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must lie in [0, 1]")
         self.args = args
         self.model_kwargs = dict(args.model_kwargs)
         self.estimator: YOSO | None = None
@@ -207,8 +212,14 @@ class NormalTask(Task):
         full = torch.rand(batch_size, device=image.device) < self.args.full_range
         top = torch.where(full, TRAIN_TIMESTEPS - 1, START_TIMESTEP)
         timesteps = 1 + (torch.rand(batch_size, device=image.device) * top).long()
+        # The sampler's first step noises the estimate, not the truth, to 401: a fraction of the
+        # batch is drawn that way, so the refiner learns to correct the estimate rather than to
+        # trust x_t, which only carries the truth in training.
+        from_estimate = torch.rand(batch_size, device=image.device) < self.args.from_estimate
+        timesteps = torch.where(from_estimate, START_TIMESTEP, timesteps)
         a = self.alphas_cumprod[timesteps][:, None, None, None]
-        x_t = a.sqrt() * gt + (1 - a).sqrt() * torch.randn_like(gt)
+        start = torch.where(from_estimate[:, None, None, None], coarse, gt)
+        x_t = a.sqrt() * start + (1 - a).sqrt() * torch.randn_like(gt)
         return angular_loss(model(x_t, timesteps, image, rays, coarse, semantic), gt, mask)
 
     def _predict(self, model: nn.Module, image: torch.Tensor, intrinsics: torch.Tensor, steps: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from kzoo.cli import build_parser, main
 from kzoo.data.normals import encode_normals, export
-from kzoo.models.stablenormal import REFINERS, SGDRN, YOSO, StableNormal, assumed_intrinsics, ray_directions
+from kzoo.models.stablenormal import REFINERS, SGDRN, YOSO, StableNormal, assumed_intrinsics
 from kzoo.models.stablenormal.metrics import angular_error
 from kzoo.models.stablenormal.sampling import START_TIMESTEP, TRAIN_TIMESTEPS
 from kzoo.train import checkpoint
@@ -328,6 +328,33 @@ def test_refiner_timesteps_come_from_the_sampler_range_or_the_whole_schedule(ful
     assert x_t.shape == (256, 3, 16, 16) and timesteps.dtype == torch.long and timesteps.min() >= 1
     top = START_TIMESTEP if full_range == 0 else TRAIN_TIMESTEPS - 1
     assert timesteps.max() <= top and timesteps.max() > 0.9 * top
+
+
+def test_from_estimate_trains_on_the_samplers_first_step(data, yoso_run, monkeypatch):
+    """With --from-estimate 1 every sample is the sampler's start: t = 401 and x_t the estimate
+    (not the ground truth) noised with the step's noise; with 0, x_t is noised from the truth."""
+    def x_t_and_parts(fraction: str):
+        task = task_for("--data-dir", str(data), *SGDRN_ARGS, "--estimator", str(yoso_run / "checkpoints" / "last"),
+                        "--from-estimate", fraction)
+        task.setup(torch.device("cpu"))
+        model = task.build_model()
+        calls = []
+        spy_on(model, monkeypatch, calls, call_through=False)
+        batch = fake_batch(8)
+        torch.manual_seed(0)
+        task.train_loss(model, batch)
+        x_t, timesteps, image, rays, coarse = calls[0][:5]
+        torch.manual_seed(0)
+        torch.rand(8), torch.rand(8), torch.rand(8)  # the draws before the noise: full range, timestep, source
+        return x_t, timesteps, coarse, batch[1], torch.randn(8, 3, 16, 16), task.alphas_cumprod
+
+    x_t, timesteps, coarse, gt, noise, a = x_t_and_parts("1")
+    assert (timesteps == START_TIMESTEP).all()
+    expected = a[START_TIMESTEP].sqrt() * coarse + (1 - a[START_TIMESTEP]).sqrt() * noise
+    torch.testing.assert_close(x_t, expected)
+    x_t, timesteps, coarse, gt, noise, a = x_t_and_parts("0")
+    expected = a[timesteps].sqrt()[:, None, None, None] * gt + (1 - a[timesteps]).sqrt()[:, None, None, None] * noise
+    torch.testing.assert_close(x_t, expected)
 
 
 # --- bad input -------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def run_video(pipeline: StableNormal, item: Item, args, device, writer: Writer) 
             normal = _predict(pipeline, [rgb], args, device,
                               init=None if init is None else torch.from_numpy(init).permute(2, 0, 1)[None])[0]
             if args.from_previous:
-                previous = _processing_size(normal, pipeline, args)
+                previous = normal
             encoded = writer.write(item.relative / f"{frames:06d}", normal)
             if video is None:
                 target = _suffixed(writer.out / item.relative, ".mp4")
@@ -229,17 +229,6 @@ def run_video(pipeline: StableNormal, item: Item, args, device, writer: Writer) 
         if video is not None:
             video.release()
     return None if frames else f"{item.path}: no frames could be read"
-
-
-def _processing_size(normal: np.ndarray, pipeline: StableNormal, args) -> np.ndarray:
-    """The previous frame's normals resized to the size the networks see, for ``predict(init=...)``."""
-    resolution = args.resolution or pipeline.resolution
-    height, width = normal.shape[:2]
-    scale = resolution / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    tensor = torch.from_numpy(normal).permute(2, 0, 1)[None]
-    tensor = torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
-    return torch.nn.functional.normalize(tensor, dim=1)[0].permute(1, 2, 0).numpy()
 
 
 def run(args: argparse.Namespace, device: torch.device, progress: bool = True) -> int:

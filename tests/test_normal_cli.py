@@ -320,9 +320,6 @@ def test_half_precision_turbo(kzoo_normal, tree):
     np.testing.assert_allclose(np.linalg.norm(normal, axis=-1), 1, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="SGDRN.forward feeds a float32 timestep embedding to its half-precision time_mlp "
-                          "(kzoo/models/stablenormal/refiner.py), so --dtype float16/bfloat16 fails with refinement")
 def test_half_precision_refined(kzoo_normal, tree):
     code, _, lines, _ = kzoo_normal(tree / "in/a/x.png", "-o", tree / "out", "--dtype", "bfloat16", "--steps", "2")
     assert code == 0 and lines == []

@@ -208,3 +208,16 @@ def test_triton_kernels_give_the_cpu_paths_result():
         # those are compared with an absolute floor instead.
         difference = (actual_grads[name] - expected_grad).abs().max().item()
         assert difference <= 1e-4 * expected_grad.abs().max().item() + 1e-5, (name, difference)
+
+
+def test_refiner_start_from_a_given_map_at_either_size():
+    """``init`` (a video's previous frame) at the input's size is resized to the processing size
+    first; given at that size directly it gives the same result, and it changes the refinement."""
+    pipeline = tiny_pipeline()
+    images = torch.rand(1, 3, 40, 24)
+    init = F.normalize(torch.randn(1, 3, 40, 24), dim=1)
+    processed = F.normalize(F.interpolate(init, size=(32, 19), mode="bilinear", align_corners=False), dim=1)
+    from_input = pipeline.predict(images, steps=3, resolution=32, init=init)
+    from_processed = pipeline.predict(images, steps=3, resolution=32, init=processed)
+    torch.testing.assert_close(from_input, from_processed, atol=1e-6, rtol=0)
+    assert (from_input - pipeline.predict(images, steps=3, resolution=32)).abs().max() > 1e-3

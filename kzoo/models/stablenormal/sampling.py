@@ -65,7 +65,6 @@ class StableNormal(nn.Module):
         self.estimator = estimator
         self.refiner = refiner
         self.resolution = resolution or estimator.native_size
-        self.register_buffer("alphas_cumprod", alphas_cumprod().float(), persistent=False)
 
     @property
     def stride(self) -> int:
@@ -80,11 +79,14 @@ class StableNormal(nn.Module):
         """SG-DRN from the YOSO estimate (``start="estimate"``; ``init`` replaces the estimate as the
         starting point, e.g. the previous video frame's result) or from pure noise (``"noise"``)."""
         shape = tuple(coarse.shape[1:])
-        a = self.alphas_cumprod
+        # The schedule's arithmetic stays in float32 whatever the networks' dtype: in bfloat16,
+        # 1 - alpha_bar near t = 1 would round to zero.
+        a = alphas_cumprod(coarse.device).float()
+        coarse_32 = coarse.float()
         if start == "estimate":
             timesteps = heuristic_timesteps(steps)
             renoise = steps // 2
-            x0 = coarse if init is None else init
+            x0 = coarse_32 if init is None else init.float()
             t0 = timesteps[0]
             x = a[t0].sqrt() * x0 + (1 - a[t0]).sqrt() * self._noise(generators, shape, coarse.device)
         elif start == "noise":
@@ -95,7 +97,7 @@ class StableNormal(nn.Module):
             raise ValueError(f"start={start!r} is not 'estimate' or 'noise'")
         for index, t in enumerate(timesteps):
             batch_t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x0 = self.refiner(x, batch_t, image, rays, coarse, semantic)
+            x0 = self.refiner(x.to(coarse.dtype), batch_t, image, rays, coarse, semantic).float()
             if index == len(timesteps) - 1:
                 break
             if index < renoise:  # predict, then re-noise with fresh noise at the same level
@@ -121,8 +123,8 @@ class StableNormal(nn.Module):
                 Each image draws its noise from its own generator, so the batch size never changes a result.
             intrinsics: (B, 3, 3) pixel-space K of the input images; default a 60 degree field of view.
             start: "estimate" (SG-DRN) or "noise" (the same refiner from pure noise, for comparison).
-            init: (B, 3, H', W') normals at the processing size to start the refiner from instead of
-                the estimate (the previous frame of a video).
+            init: (B, 3, h, w) normals to start the refiner from instead of the estimate (the
+                previous frame of a video), at the input's or the processing size.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"predict: images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -162,8 +164,10 @@ class StableNormal(nn.Module):
         normal = coarse
         if steps > 0:
             if init is not None:
-                init = F.pad(init.to(device=device, dtype=torch.float32),
-                             (0, padded[1] - init.shape[-1], 0, padded[0] - init.shape[-2]), mode="replicate")
+                init = init.to(device=device, dtype=torch.float32)
+                if tuple(init.shape[-2:]) != size:
+                    init = F.normalize(F.interpolate(init, size=size, mode="bilinear", align_corners=False), dim=1)
+                init = F.pad(init, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
             normal = self.refine(work_t, rays_t, coarse.to(dtype), semantic, steps, generators, start,
                                  None if init is None else init.to(dtype))
         normal = normal.float()[:, :, :size[0], :size[1]]

@@ -268,6 +268,8 @@ def task_of(config: Path) -> str:
         return "vqvae"
     if config.stem.startswith(("hmar_", "var_")):
         return "hmar-mask" if config.stem.endswith("_mask") else "hmar"
+    if config.stem.startswith("stablenormal_"):
+        return "normal"
     return "classify"
 
 

@@ -41,6 +41,10 @@ RATIONAL_TARGETS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+# The names of GroupRational's coefficient parameters: models leave them out of weight decay.
+RATIONAL_PARAMETERS = ("weight_numerator", "weight_denominator")
+
+
 class GroupRational(nn.Module):
     """KAT's group-rational activation: one learnable rational function per channel group.
 

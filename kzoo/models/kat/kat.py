@@ -27,11 +27,9 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 from torch import nn
 
 from ..hub import offline_message
-from ..layers import KAN
+from ..layers import KAN, RATIONAL_PARAMETERS
 
 __all__ = ["KAT", "checkpoint_filter_fn", "from_vit", "load_checkpoint_file"]
-
-RATIONAL_PARAMETERS = ("weight_numerator", "weight_denominator")
 
 
 class KAT(VisionTransformer):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import GroupRational
+from ..layers import RATIONAL_PARAMETERS, GroupRational
 
 __all__ = ["YOSO", "ConvBlock", "ConvEncoder", "KATEncoder", "UNetDecoder", "ESTIMATORS", "ray_directions",
            "assumed_intrinsics", "visible_hemisphere", "yoso_kat", "yoso_conv", "DEFAULT_FOV_DEGREES"]
@@ -214,8 +214,7 @@ class YOSO(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {name for name, _ in self.named_parameters() if "weight_numerator" in name or "weight_denominator" in name
-                or name.endswith("pos_embed")}
+        return {name for name, _ in self.named_parameters() if name.endswith((*RATIONAL_PARAMETERS, "pos_embed"))}
 
 
 def yoso_kat(**kwargs) -> YOSO:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kzoo.kernels import window_ranges
 
-from ..layers import KAN, SparseSelfAttention
+from ..layers import KAN, RATIONAL_PARAMETERS, SparseSelfAttention
 from .estimator import ConvBlock, visible_hemisphere
 
 __all__ = ["SGDRN", "WindowBlock", "REFINERS", "sgdrn_small", "timestep_embedding"]
@@ -137,7 +137,7 @@ class SGDRN(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {name for name, _ in self.named_parameters() if "weight_numerator" in name or "weight_denominator" in name}
+        return {name for name, _ in self.named_parameters() if name.endswith(RATIONAL_PARAMETERS)}
 
 
 def sgdrn_small(**kwargs) -> SGDRN:

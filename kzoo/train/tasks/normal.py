@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"{', '.join(REFINERS)} (default sgdrn_small)")
     group.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
     group.add_argument("--estimator", default=None, help="sgdrn: the trained YOSO (a kzoo checkpoint), kept frozen")
+    group.add_argument("--init-from", default=None,
+                       help="start from the weights (EMA when present) of a checkpoint of the same model, with a "
+                            "fresh optimizer and schedule: a finished run trained further (--resume continues one)")
     group.add_argument("--crop", type=int, default=96, help="random square crop of the training images (0: none)")
     group.add_argument("--no-flip", action="store_true", help="no random left-right mirroring")
     group.add_argument("--shrinkage", type=float, default=0.4,
@@ -178,10 +181,19 @@ class NormalTask(Task):
 
     def build_model(self) -> nn.Module:
         models = STAGES[self.args.stage][1]
+        weights = None
+        if self.args.init_from:
+            path, weights, name, config = _read_checkpoint(self.args.init_from)
+            if name != self.model_name:
+                raise ValueError(f"--init-from {path}: a checkpoint of {name}, not of {self.model_name}")
+            config.pop("estimator", None)
+            # The checkpoint's architecture, unless --model-kwargs says otherwise (then loading names the misfit).
+            self.model_kwargs = {**config, **self.model_kwargs}
         try:
-            return models[self.model_name](**self.model_kwargs)
+            model = models[self.model_name](**self.model_kwargs)
         except TypeError as error:
             raise ValueError(f"--model-kwargs do not fit {self.model_name}: {error}") from None
+        return model if weights is None else checkpoint.load_strict(model, weights, Path(self.args.init_from))
 
     def train_dataset(self):
         crop = self.args.crop or None

@@ -200,6 +200,21 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(stage, data, yos
     assert summary(tmp_path)[-1] == summary(run)[-1]
 
 
+def test_init_from_starts_a_fresh_run_from_a_checkpoints_weights_and_architecture(data, yoso_run, tmp_path):
+    """No --model-kwargs: the architecture comes from the checkpoint. At lr 0 the new run's weights
+    stay the source's exactly, so its validation repeats the source's last one."""
+    source = yoso_run / "checkpoints" / "last"
+    args = ["train", "normal", "--data-dir", str(data), "--model", "yoso_kat", *RECIPE, "--lr", "0",
+            "--epochs", "1", "--init-from", str(source), "--output", str(tmp_path)]
+    assert main(args) == 0
+    started, config = checkpoint.read_kzoo_model(tmp_path / "checkpoints" / "last")
+    weights, source_config = checkpoint.read_kzoo_model(source)
+    assert config == source_config and config["embed_dim"] == YOSO_KWARGS["embed_dim"]
+    assert started.keys() == weights.keys() and all(torch.equal(started[k], weights[k]) for k in weights)
+    assert float(summary(tmp_path)[-1]["eval_angle"]) == pytest.approx(float(summary(yoso_run)[-1]["eval_angle"]),
+                                                                        abs=1e-4)
+
+
 # --- the loss and the evaluation sums --------------------------------------------------------------------
 
 def test_angular_loss_is_the_mean_angle_over_valid_pixels_with_its_gradient():
@@ -371,6 +386,8 @@ KAT_FILE = Path(__file__).parents[3] / "kzoo" / "assets" / "kat_mnist.safetensor
     (["--data-dir", "<empty>", *YOSO_ARGS], "<empty>/train: no manifest.json"),
     (["--data-dir", "<data>", *SGDRN_ARGS, "--estimator", str(KAT_FILE)],
      "a checkpoint of kat_tiny_swish_patch16_224, not of a YOSO estimator"),
+    (["--data-dir", "<data>", *YOSO_ARGS, "--init-from", str(KAT_FILE)],
+     "a checkpoint of kat_tiny_swish_patch16_224, not of yoso_kat"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, data, tmp_path, capsys):
     assert KAT_FILE.is_file()

@@ -51,6 +51,28 @@ def test_visible_hemisphere_moves_only_back_facing_normals():
     torch.testing.assert_close(out.permute(0, 2, 3, 1)[fine], normal.permute(0, 2, 3, 1)[fine])
 
 
+def test_visible_hemisphere_matches_a_float64_reference_with_its_gradient():
+    """Non-unit inputs of any length, near-zero ones included, against F.normalize in float64."""
+    torch.manual_seed(2)
+    rays = ray_directions(assumed_intrinsics(5, 7, 3), 5, 7)
+    normal = torch.randn(3, 3, 5, 7) * torch.rand(3, 1, 5, 7) * 4
+    normal[0, :, 0, 0] = 1e-8
+    weights = torch.randn(3, 3, 5, 7)
+
+    def reference(n, r):
+        n = F.normalize(n, dim=1, eps=1e-6)
+        shortfall = (MIN_VIEW_COS + (n * r).sum(1, keepdim=True)).clamp_min(0)
+        return F.normalize(n - shortfall * r, dim=1, eps=1e-6)
+
+    ours = normal.clone().requires_grad_(True)
+    ref = normal.double().requires_grad_(True)
+    out, expected = visible_hemisphere(ours, rays), reference(ref, rays.double())
+    (out * weights).sum().backward()
+    (expected * weights.double()).sum().backward()
+    assert relative_error(out.double(), expected) < 1e-6
+    assert relative_error(ours.grad.double(), ref.grad) < 1e-5
+
+
 def test_heuristic_schedule_is_the_original_for_ten_steps():
     assert heuristic_timesteps(10) == [401] * 6 + [301, 201, 101, 1]
     assert heuristic_timesteps(1) == [401]

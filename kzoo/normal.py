@@ -6,6 +6,8 @@ files keep their paths below the folder, a glob's theirs below the glob's fixed 
 name. ``--save-npy`` adds ``<stem>.npy``, float32 (H, W, 3). A video gives ``<stem>.mp4`` and its
 frames as ``<stem>/NNNNNN.png``; every frame draws the same noise (the same seed), and with
 ``--from-previous`` the refiner starts from the previous frame's result instead of its estimate.
+Files whose names differ only in their suffix keep it (``a.jpg`` -> ``a.jpg.png``), so no output
+overwrites another; a file named twice runs once.
 
 Bad inputs (a wrong path, an unreadable or truncated image, a video OpenCV cannot open) get one
 line each on stderr naming the file; the rest still run and the exit code is 1 at the end. A
@@ -98,7 +100,29 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Item], list[str]]:
             items.append(Item(path, Path(path.stem)))
         else:
             errors.append(f"{spec}: no such file or folder")
-    return items, errors
+    return _distinct_outputs(items, errors)
+
+
+def _distinct_outputs(items: list[Item], errors: list[str]) -> tuple[list[Item], list[str]]:
+    """Each file once, and no output written twice: files that share an output name and differ only in
+    their suffix (``a.jpg``, ``a.png``) keep it in theirs (``a.jpg.png``); a name still taken (same-named
+    files from two folders given one by one) is an error for the later file, which is skipped."""
+    seen: set[Path] = set()
+    items = [item for item in items if not (item.path.resolve() in seen or seen.add(item.path.resolve()))]
+    suffixes: dict[Path, set[str]] = {}
+    for item in items:
+        suffixes.setdefault(item.relative, set()).add(item.path.suffix)
+    taken: dict[Path, Path] = {}
+    distinct = []
+    for item in items:
+        if len(suffixes[item.relative]) > 1:
+            item = Item(item.path, item.relative.with_name(item.path.name))
+        if item.relative in taken:
+            errors.append(f"{item.path}: its output name is {taken[item.relative]}'s; give their folder instead")
+            continue
+        taken[item.relative] = item.path
+        distinct.append(item)
+    return distinct, errors
 
 
 def _glob_root(pattern: str) -> Path:

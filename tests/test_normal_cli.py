@@ -311,6 +311,25 @@ def test_dotted_and_bracketed_names(kzoo_normal, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out/take.v2").glob("*.png")) == [f"00000{i}.png" for i in range(3)]
 
 
+def test_no_output_overwrites_another(kzoo_normal, tmp_path):
+    """x.png and x.jpg of one folder keep their suffixes; a file named twice runs once; a same-named
+    file of another folder given on its own is reported, not written over the first."""
+    first = random_image(tmp_path / "in/x.png", 8, 9, seed=1)
+    second = random_image(tmp_path / "in/x.jpg", 11, 6, seed=2)
+    random_image(tmp_path / "in/y.png", 7, 7, seed=3)
+    random_image(tmp_path / "other/y.png", 5, 12, seed=4)
+    code, out, lines, _ = kzoo_normal(tmp_path / "in", tmp_path / "in/x.png", tmp_path / "in/y.png",
+                                      tmp_path / "other/y.png", "-o", tmp_path / "out")
+    assert code == 1
+    assert len(lines) == 1 and str(tmp_path / "other/y.png") in lines[0] and str(tmp_path / "in/y.png") in lines[0]
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
+    assert written == ["x.jpg.png", "x.png.png", "y.png"]
+    assert png(tmp_path / "out/x.png.png").shape == (*first.shape[:2], 3)
+    assert png(tmp_path / "out/x.jpg.png").shape == (*second.shape[:2], 3)
+    assert png(tmp_path / "out/y.png").shape == (7, 7, 3)
+    assert "3 of 3" in out and "1 failed" in out
+
+
 def test_half_precision_turbo(kzoo_normal, tree):
     code, _, lines, _ = kzoo_normal(tree / "in/a/x.png", "-o", tree / "out", "--dtype", "bfloat16", "--steps", "0",
                                     "--save-npy")

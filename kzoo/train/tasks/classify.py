@@ -244,20 +244,16 @@ def load_classifier(path: str | Path, model_name: str | None = None, *, use_ema:
     is then built with ``model_kwargs`` and timm's data config. ``path`` may also be
     ``hf-hub:ORG/REPO/FILE`` (see ``kzoo.models.hub``)."""
     path = resolve_weights(path)
-    if path.is_dir() or path.suffix == ".safetensors":
-        weights, metadata = checkpoint.read_weights(path / checkpoint.EMA_FILE if use_ema and path.is_dir() else path)
-        if metadata.get("format") == "kzoo":
-            config = json.loads(metadata["config"])
-            name = config.pop("model")
-            if model_name and model_name != name:
-                raise ValueError(f"{path}: a checkpoint of {name}, not of {model_name}")
-            data_config = config.pop("data_config")
-            model = timm.create_model(name, **config)
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{path}: does not fit {name} (missing {len(missing)} keys, e.g. {missing[:2]}; "
-                                 f"unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
-            return name, model, data_config
+    if use_ema and path.is_dir() and not (path / checkpoint.EMA_FILE).exists():
+        raise FileNotFoundError(f"{path / checkpoint.EMA_FILE}: no such checkpoint file (trained without --model-ema)")
+    found = checkpoint.read_kzoo_model(path, prefer_ema=use_ema)
+    if found is not None:
+        weights, config = found
+        name = config.pop("model")
+        if model_name and model_name != name:
+            raise ValueError(f"{path}: a checkpoint of {name}, not of {model_name}")
+        data_config = config.pop("data_config")
+        return name, checkpoint.load_strict(timm.create_model(name, **config), weights, path), data_config
     if not model_name:
         raise ValueError(f"{path}: not a kzoo checkpoint, so --model is required")
     model = create_with_weights(model_name, path, **model_kwargs)

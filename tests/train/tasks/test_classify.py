@@ -201,6 +201,17 @@ def test_validate_refuses_a_checkpoint_of_another_model(data, reference_run, cap
     assert "a checkpoint of kat_tiny_swish_patch16_224, not of vit_tiny_patch16_224" in err
 
 
+def test_validate_use_ema_needs_ema_weights(data, reference_run, tmp_path, capsys):
+    """A checkpoint without an EMA file is not silently validated on its raw weights."""
+    plain = tmp_path / "plain"
+    shutil.copytree(reference_run / "checkpoints" / "last", plain)
+    (plain / checkpoint.EMA_FILE).unlink()
+    status = main(["validate", "--data-dir", str(data), "--checkpoint", str(plain), "--use-ema", "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert f"{plain / checkpoint.EMA_FILE}: no such checkpoint file (trained without --model-ema)" in err
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_process_torchrun_equals_one_process_with_the_global_batch(data, tmp_path, sharding):
     """2 ranks x batch 2 see the same 4 samples per step as 1 process x batch 4 (the sampler deals

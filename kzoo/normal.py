@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the refiner's noise; the same for every image and frame")
     parser.add_argument("--fov", type=float, default=DEFAULT_FOV_DEGREES,
                         help="assumed field of view across the longer side, in degrees")
+    parser.add_argument("--intrinsics", type=float, nargs=4, default=None, metavar=("FX", "FY", "CX", "CY"),
+                        help="the camera's focal lengths and principal point in the inputs' pixels (one camera "
+                             "for every input), instead of an assumed field of view")
     parser.add_argument("--save-npy", action="store_true", help="also write float32 (H, W, 3) normals as <stem>.npy")
     parser.add_argument("--convention", choices=tuple(CONVENTIONS), default="opengl",
                         help="axes of the written normals: opengl (+x right, +y up, +z to camera; kzoo's), opencv "
@@ -182,7 +185,11 @@ def _suffixed(path: Path, suffix: str) -> Path:
 def _predict(pipeline: StableNormal, images: list[np.ndarray], args, device, init=None) -> np.ndarray:
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(device)
     height, width = batch.shape[-2:]
-    intrinsics = assumed_intrinsics(height, width, len(images), args.fov, device)
+    if args.intrinsics:
+        fx, fy, cx, cy = args.intrinsics
+        intrinsics = torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], device=device).expand(len(images), 3, 3)
+    else:
+        intrinsics = assumed_intrinsics(height, width, len(images), args.fov, device)
     normal = pipeline.predict(batch, steps=args.steps, resolution=args.resolution,
                               match_input_resolution=args.match_input_resolution, seed=args.seed,
                               intrinsics=intrinsics, init=init)
@@ -260,6 +267,9 @@ def run(args: argparse.Namespace, device: torch.device, progress: bool = True) -
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.intrinsics and min(args.intrinsics[:2]) <= 0:
+        raise ValueError(f"--intrinsics: focal lengths must be positive, got fx={args.intrinsics[0]:g} "
+                         f"fy={args.intrinsics[1]:g}")
     if args.resolution is not None and args.resolution < 16:
         raise ValueError(f"--resolution must be at least 16, got {args.resolution}")
     pipeline = load_pipeline(args.checkpoint or BUNDLED).to(device=device, dtype=DTYPES[args.dtype])

@@ -345,6 +345,29 @@ def test_half_precision_refined(kzoo_normal, tree):
     assert png(tree / "out/x.png").shape == (20, 30, 3)
 
 
+def test_intrinsics_are_the_inputs_camera_in_its_pixels(kzoo_normal, tree):
+    """The K a 40 degree field of view assumes for the 20x30 input, given as --intrinsics, gives that
+    run's normals, and differs from the default 60 degrees'."""
+    k = assumed_intrinsics(20, 30, fov_degrees=40.0)[0]
+    given = [f"{v:.10f}" for v in (k[0, 0].item(), k[1, 1].item(), k[0, 2].item(), k[1, 2].item())]
+    image = tree / "in/a/x.png"
+    for name, options in (("given", ["--intrinsics", *given]), ("fov40", ["--fov", "40"]), ("default", [])):
+        code, _, lines, _ = kzoo_normal(image, "-o", tree / name, "--steps", "2", "--save-npy", *options)
+        assert code == 0 and lines == []
+    given, fov40, default = (np.load(tree / name / "x.npy") for name in ("given", "fov40", "default"))
+    np.testing.assert_allclose(given, fov40, atol=1e-5)
+    assert np.abs(given - default).max() > 1e-2
+
+
+def test_intrinsics_with_a_nonpositive_focal_length(tree, checkpoint, capsys):
+    code = main(["normal", str(tree / "in"), "-o", str(tree / "out"), "--checkpoint", str(checkpoint),
+                 "--device", "cpu", "--intrinsics", "0", "30", "15", "10"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--intrinsics: focal lengths must be positive, got fx=0 fy=30" in err
+    assert not (tree / "out").exists()
+
+
 @pytest.mark.parametrize("asset", ["kat_mnist.safetensors", "hmar_mnist.safetensors"])
 def test_checkpoint_of_another_family(asset, tree, capsys):
     path = ASSETS / asset

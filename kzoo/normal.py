@@ -110,8 +110,10 @@ def _distinct_outputs(items: list[Item], errors: list[str]) -> tuple[list[Item],
     """Each file once, and no output written twice: files that share an output name and differ only in
     their suffix (``a.jpg``, ``a.png``) keep it in theirs (``a.jpg.png``); a name still taken (same-named
     files from two folders given one by one) is an error for the later file, which is skipped."""
-    seen: set[Path] = set()
-    items = [item for item in items if not (item.path.resolve() in seen or seen.add(item.path.resolve()))]
+    once: dict[Path, Item] = {}
+    for item in items:
+        once.setdefault(item.path.resolve(), item)
+    items = list(once.values())
     suffixes: dict[Path, set[str]] = {}
     for item in items:
         suffixes.setdefault(item.relative, set()).add(item.path.suffix)

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--from-estimate", type=float, default=0.5,
                        help="sgdrn: fraction of samples noised from the estimate at t = 401 (the sampler's start) "
                             "instead of from the ground truth")
+    group.add_argument("--estimate-at", choices=("start", "range"), default="start",
+                       help="sgdrn: the --from-estimate samples' timestep: 401, the sampler's start, or any in "
+                            "[1, 401], where the sampler's later steps feed the refiner its own answer")
     group.add_argument("--full-range", type=float, default=0.3,
                        help="sgdrn: fraction of timesteps drawn from the whole schedule instead of [1, 401]")
 
@@ -228,7 +231,11 @@ class NormalTask(Task):
         # batch is drawn that way, so the refiner learns to correct the estimate rather than to
         # trust x_t, which only carries the truth in training.
         from_estimate = torch.rand(batch_size, device=image.device) < self.args.from_estimate
-        timesteps = torch.where(from_estimate, START_TIMESTEP, timesteps)
+        if self.args.estimate_at == "start":
+            timesteps = torch.where(from_estimate, START_TIMESTEP, timesteps)
+        else:
+            within = 1 + (torch.rand(batch_size, device=image.device) * START_TIMESTEP).long()
+            timesteps = torch.where(from_estimate, within, timesteps)
         a = self.alphas_cumprod[timesteps][:, None, None, None]
         start = torch.where(from_estimate[:, None, None, None], coarse, gt)
         x_t = a.sqrt() * start + (1 - a).sqrt() * torch.randn_like(gt)

@@ -372,6 +372,27 @@ def test_from_estimate_trains_on_the_samplers_first_step(data, yoso_run, monkeyp
     torch.testing.assert_close(x_t, expected)
 
 
+def test_estimate_at_range_noises_the_estimate_at_any_sampler_timestep(data, yoso_run, monkeypatch):
+    """With --from-estimate 1 --estimate-at range every x_t is the estimate noised to a timestep
+    drawn from [1, 401] (the sampler's later steps), not always to 401."""
+    task = task_for("--data-dir", str(data), *SGDRN_ARGS, "--estimator", str(yoso_run / "checkpoints" / "last"),
+                    "--from-estimate", "1", "--estimate-at", "range", "--full-range", "1")
+    task.setup(torch.device("cpu"))
+    model = task.build_model()
+    calls = []
+    spy_on(model, monkeypatch, calls, call_through=False)
+    torch.manual_seed(0)
+    task.train_loss(model, fake_batch(256))
+    x_t, timesteps, _, _, coarse = calls[0][:5]
+    assert timesteps.min() >= 1 and timesteps.max() <= START_TIMESTEP
+    assert timesteps.max() > 0.9 * START_TIMESTEP and timesteps.min() < 0.1 * START_TIMESTEP
+    torch.manual_seed(0)
+    torch.rand(256), torch.rand(256), torch.rand(256), torch.rand(256)  # full range, timestep, source, within
+    noise = torch.randn(256, 3, 16, 16)
+    a = task.alphas_cumprod[timesteps][:, None, None, None]
+    torch.testing.assert_close(x_t, a.sqrt() * coarse + (1 - a).sqrt() * noise)
+
+
 # --- bad input -------------------------------------------------------------------------------------------
 
 KAT_FILE = Path(__file__).parents[3] / "kzoo" / "assets" / "kat_mnist.safetensors"

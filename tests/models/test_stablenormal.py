@@ -100,14 +100,17 @@ class _StubRefiner(nn.Module):
         return F.normalize(coarse + 0.5 * x_t + timesteps[:, None, None, None] / 1000, dim=1)
 
 
-@pytest.mark.parametrize("steps", [1, 4, 10])
-def test_refine_is_the_heuristic_ddim_loop(steps):
-    """The sampler against the loop written out in float64 from stablenormal.md 1.4."""
+@pytest.mark.parametrize("steps, schedule", [(1, None), (4, None), (10, None), (7, ([401] * 6 + [1], 5)),
+                                            (5, ([401, 301, 201, 101, 1], 0))])
+def test_refine_is_the_heuristic_ddim_loop(steps, schedule):
+    """The sampler against the loop written out in float64 from stablenormal.md 1.4, with the
+    heuristic schedule or an explicit (timesteps, re-noised steps) one."""
     torch.manual_seed(0)
     pipeline = StableNormal(build_pipeline(ESTIMATOR).estimator, _StubRefiner())
     coarse = F.normalize(torch.randn(2, 3, 8, 8), dim=1)
     image, rays, semantic = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 16, 1, 1)
-    out = pipeline.refine(image, rays, coarse, semantic, steps, [torch.Generator().manual_seed(s) for s in (5, 6)])
+    out = pipeline.refine(image, rays, coarse, semantic, steps, [torch.Generator().manual_seed(s) for s in (5, 6)],
+                          schedule=schedule)
 
     a = alphas_cumprod()
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
@@ -118,13 +121,13 @@ def test_refine_is_the_heuristic_ddim_loop(steps):
     def stub(x, t):
         return F.normalize(coarse.double() + 0.5 * x + t / 1000, dim=1)
 
-    timesteps = heuristic_timesteps(steps)
+    timesteps, renoise = schedule or (heuristic_timesteps(steps), steps // 2)
     x = a[401].sqrt() * coarse.double() + (1 - a[401]).sqrt() * noise()
     for i, t in enumerate(timesteps):
         x0 = stub(x, t)
         if i == len(timesteps) - 1:
             break
-        if i < steps // 2:
+        if i < renoise:
             x = a[t].sqrt() * x0 + (1 - a[t]).sqrt() * noise()
         else:
             eps = (x - a[t].sqrt() * x0) / (1 - a[t]).sqrt()

@@ -75,17 +75,19 @@ class StableNormal(nn.Module):
 
     @torch.no_grad()
     def refine(self, image: Tensor, rays: Tensor, coarse: Tensor, semantic: Tensor, steps: int,
-               generators: list[torch.Generator], start: str = "estimate", init: Tensor | None = None) -> Tensor:
+               generators: list[torch.Generator], start: str = "estimate", init: Tensor | None = None,
+               schedule: tuple[list[int], int] | None = None) -> Tensor:
         """SG-DRN from the YOSO estimate (``start="estimate"``; ``init`` replaces the estimate as the
-        starting point, e.g. the previous video frame's result) or from pure noise (``"noise"``)."""
+        starting point, e.g. the previous video frame's result) or from pure noise (``"noise"``).
+        ``schedule`` = (timesteps, how many of the first steps re-noise instead of stepping DDIM)
+        replaces the heuristic one for ``steps``, to study other schedules."""
         shape = tuple(coarse.shape[1:])
         # The schedule's arithmetic stays in float32 whatever the networks' dtype: in bfloat16,
         # 1 - alpha_bar near t = 1 would round to zero.
         a = alphas_cumprod(coarse.device).float()
         coarse_32 = coarse.float()
         if start == "estimate":
-            timesteps = heuristic_timesteps(steps)
-            renoise = steps // 2
+            timesteps, renoise = schedule or (heuristic_timesteps(steps), steps // 2)
             x0 = coarse_32 if init is None else init.float()
             t0 = timesteps[0]
             x = a[t0].sqrt() * x0 + (1 - a[t0]).sqrt() * self._noise(generators, shape, coarse.device)

@@ -9,17 +9,14 @@ a DDIM step); every row starts from the same noise.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from kzoo.models.stablenormal import ray_directions
-from kzoo.models.stablenormal.metrics import angular_error
 from kzoo.normal import BUNDLED
 from kzoo.train.tasks.normal import load_pipeline
+from normal_quality import errors_of, load_set, pooled  # bench/, the script's own folder
 
 SCHEDULES = {
     "default 10 steps": ([401] * 6 + [301, 201, 101, 1], 5),
@@ -32,11 +29,6 @@ SCHEDULES = {
 }
 
 
-def pooled_mean(normal: torch.Tensor, truth: torch.Tensor) -> float:
-    valid = truth.norm(dim=-1) > 0.5
-    return angular_error(normal.permute(0, 2, 3, 1).double(), truth.double())[valid].mean().item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(BUNDLED))
@@ -44,21 +36,21 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="first N images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    root = Path(args.test)
-    names = sorted(path.stem for path in (root / "images").glob("*.png"))[:args.limit]
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(root / "images" / f"{name}.png")).copy())
-                          for name in names]).permute(0, 3, 1, 2).float() / 255
-    truth = torch.stack([torch.from_numpy(np.load(root / "normals" / f"{name}.npy")) for name in names]).float()
-    intrinsics = torch.tensor([json.loads((root / "intrinsics" / f"{name}.json").read_text()) for name in names])
+    test = load_set(Path(args.test), args.limit)
+    images = test["images"]
     pipeline = load_pipeline(args.checkpoint).float()
-    rays = ray_directions(intrinsics, *images.shape[-2:])
+    rays = ray_directions(test["intrinsics"], *images.shape[-2:])
     coarse, semantic = pipeline.estimator(images, rays, return_semantic=True)
-    print(f"{args.checkpoint}, {len(names)} images of {root}")
-    print(f"  {'turbo':32s} {pooled_mean(coarse, truth):6.2f}")
+
+    def mean_error(normal: torch.Tensor) -> float:
+        return pooled(errors_of(normal.permute(0, 2, 3, 1), test), test)["mean"]
+
+    print(f"{args.checkpoint}, {len(images)} images of {args.test}")
+    print(f"  {'turbo':32s} {mean_error(coarse):6.2f}")
     for name, schedule in SCHEDULES.items():
-        generators = [torch.Generator().manual_seed(args.seed) for _ in names]
+        generators = [torch.Generator().manual_seed(args.seed) for _ in range(len(images))]
         refined = pipeline.refine(images, rays, coarse, semantic, len(schedule[0]), generators, schedule=schedule)
-        print(f"  {name:32s} {pooled_mean(refined, truth):6.2f}", flush=True)
+        print(f"  {name:32s} {mean_error(refined):6.2f}", flush=True)
 
 
 if __name__ == "__main__":

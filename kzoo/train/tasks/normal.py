@@ -231,11 +231,9 @@ class NormalTask(Task):
         # batch is drawn that way, so the refiner learns to correct the estimate rather than to
         # trust x_t, which only carries the truth in training.
         from_estimate = torch.rand(batch_size, device=image.device) < self.args.from_estimate
-        if self.args.estimate_at == "start":
-            timesteps = torch.where(from_estimate, START_TIMESTEP, timesteps)
-        else:
-            within = 1 + (torch.rand(batch_size, device=image.device) * START_TIMESTEP).long()
-            timesteps = torch.where(from_estimate, within, timesteps)
+        estimate_timesteps = (START_TIMESTEP if self.args.estimate_at == "start"
+                              else 1 + (torch.rand(batch_size, device=image.device) * START_TIMESTEP).long())
+        timesteps = torch.where(from_estimate, estimate_timesteps, timesteps)
         a = self.alphas_cumprod[timesteps][:, None, None, None]
         start = torch.where(from_estimate[:, None, None, None], coarse, gt)
         x_t = a.sqrt() * start + (1 - a).sqrt() * torch.randn_like(gt)

@@ -296,6 +296,20 @@ def spy_on(model, monkeypatch, calls: list, call_through: bool = True):
     monkeypatch.setattr(model, "forward", forward)
 
 
+def refiner_call(data, yoso_run, monkeypatch, batch, *flags: str):
+    """(task, the arguments of the refiner's forward) for one training step of a refiner task with
+    ``flags``, under seed 0; the refiner itself is not run."""
+    task = task_for("--data-dir", str(data), *SGDRN_ARGS, "--estimator", str(yoso_run / "checkpoints" / "last"),
+                    *flags)
+    task.setup(torch.device("cpu"))
+    model = task.build_model()
+    calls = []
+    spy_on(model, monkeypatch, calls, call_through=False)
+    torch.manual_seed(0)
+    task.train_loss(model, batch)
+    return task, calls[0]
+
+
 @pytest.mark.parametrize("shrinkage", [1.0, 0.0])
 def test_shrinkage_decides_which_samples_see_noise(shrinkage, data, monkeypatch):
     task = task_for("--data-dir", str(data), *YOSO_ARGS, "--crop", "16", "--shrinkage", str(shrinkage))
@@ -331,15 +345,8 @@ def test_shrinkage_zeroes_about_its_fraction_of_samples(data, monkeypatch):
 @pytest.mark.parametrize("full_range", [0.0, 1.0])
 def test_refiner_timesteps_come_from_the_sampler_range_or_the_whole_schedule(full_range, data, yoso_run,
                                                                               monkeypatch):
-    task = task_for("--data-dir", str(data), *SGDRN_ARGS, "--estimator", str(yoso_run / "checkpoints" / "last"),
-                    "--full-range", str(full_range))
-    task.setup(torch.device("cpu"))
-    model = task.build_model()
-    calls = []
-    spy_on(model, monkeypatch, calls, call_through=False)
-    torch.manual_seed(0)
-    task.train_loss(model, fake_batch(256))
-    x_t, timesteps = calls[0][:2]
+    _, (x_t, timesteps, *_) = refiner_call(data, yoso_run, monkeypatch, fake_batch(256),
+                                           "--full-range", str(full_range))
     assert x_t.shape == (256, 3, 16, 16) and timesteps.dtype == torch.long and timesteps.min() >= 1
     top = START_TIMESTEP if full_range == 0 else TRAIN_TIMESTEPS - 1
     assert timesteps.max() <= top and timesteps.max() > 0.9 * top
@@ -349,16 +356,9 @@ def test_from_estimate_trains_on_the_samplers_first_step(data, yoso_run, monkeyp
     """With --from-estimate 1 every sample is the sampler's start: t = 401 and x_t the estimate
     (not the ground truth) noised with the step's noise; with 0, x_t is noised from the truth."""
     def x_t_and_parts(fraction: str):
-        task = task_for("--data-dir", str(data), *SGDRN_ARGS, "--estimator", str(yoso_run / "checkpoints" / "last"),
-                        "--from-estimate", fraction)
-        task.setup(torch.device("cpu"))
-        model = task.build_model()
-        calls = []
-        spy_on(model, monkeypatch, calls, call_through=False)
         batch = fake_batch(8)
-        torch.manual_seed(0)
-        task.train_loss(model, batch)
-        x_t, timesteps, image, rays, coarse = calls[0][:5]
+        task, (x_t, timesteps, _, _, coarse, _) = refiner_call(data, yoso_run, monkeypatch, batch,
+                                                               "--from-estimate", fraction)
         torch.manual_seed(0)
         torch.rand(8), torch.rand(8), torch.rand(8)  # the draws before the noise: full range, timestep, source
         return x_t, timesteps, coarse, batch[1], torch.randn(8, 3, 16, 16), task.alphas_cumprod
@@ -375,15 +375,9 @@ def test_from_estimate_trains_on_the_samplers_first_step(data, yoso_run, monkeyp
 def test_estimate_at_range_noises_the_estimate_at_any_sampler_timestep(data, yoso_run, monkeypatch):
     """With --from-estimate 1 --estimate-at range every x_t is the estimate noised to a timestep
     drawn from [1, 401] (the sampler's later steps), not always to 401."""
-    task = task_for("--data-dir", str(data), *SGDRN_ARGS, "--estimator", str(yoso_run / "checkpoints" / "last"),
-                    "--from-estimate", "1", "--estimate-at", "range", "--full-range", "1")
-    task.setup(torch.device("cpu"))
-    model = task.build_model()
-    calls = []
-    spy_on(model, monkeypatch, calls, call_through=False)
-    torch.manual_seed(0)
-    task.train_loss(model, fake_batch(256))
-    x_t, timesteps, _, _, coarse = calls[0][:5]
+    task, (x_t, timesteps, _, _, coarse, _) = refiner_call(data, yoso_run, monkeypatch, fake_batch(256),
+                                                           "--from-estimate", "1", "--estimate-at", "range",
+                                                           "--full-range", "1")
     assert timesteps.min() >= 1 and timesteps.max() <= START_TIMESTEP
     assert timesteps.max() > 0.9 * START_TIMESTEP and timesteps.min() < 0.1 * START_TIMESTEP
     torch.manual_seed(0)

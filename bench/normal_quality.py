@@ -9,6 +9,8 @@ training; a shape family held out of training). Every prediction uses the scene'
 at the pipeline's own resolution, and errors are DSINE's: pooled over valid pixels.
 
 - accuracy and time per image for turbo and for SG-DRN at 1, 2, 4 and 10 steps;
+- where the error is: the mean angle on pixels next to a crease or an occlusion edge (a neighbour
+  turned by more than 15 degrees, or invalid) and on the rest of the surfaces;
 - variance (StableNormal's metric, stablenormal.md §3.1): each image's mean angular error under 5
   seeds, its variance over the seeds, averaged over images; for SG-DRN from the YOSO estimate
   (the method) and the same refiner from pure noise;
@@ -36,7 +38,7 @@ from PIL import Image, ImageFilter
 from kzoo.data.normals import encode_normals, read_manifest
 from kzoo.data.scenes import panned, render, sample_scene
 from kzoo.models.stablenormal import DEFAULT_STEPS
-from kzoo.models.stablenormal.metrics import angular_error, summarize
+from kzoo.models.stablenormal.metrics import angular_error, discontinuities, summarize
 from kzoo.normal import BUNDLED
 from kzoo.train.tasks.normal import load_pipeline
 
@@ -169,6 +171,15 @@ def main() -> None:
         log(f"steps {steps}: {report['steps'][str(steps)]}")
     if args.panel:
         panel(Path(args.panel), test, predictions[0], predictions[DEFAULT_STEPS])
+
+    near = discontinuities(test["normals"], test["masks"])
+    elsewhere = test["masks"] & ~near
+    report["discontinuities"] = {"fraction_of_pixels": round(near.sum().item() / test["masks"].sum().item(), 4)}
+    for steps in (0, DEFAULT_STEPS):
+        errors = errors_of(predictions[steps], test)
+        report["discontinuities"][f"steps_{steps}"] = {"near": round(errors[near].mean().item(), 3),
+                                                       "elsewhere": round(errors[elsewhere].mean().item(), 3)}
+    log(f"discontinuities: {report['discontinuities']}")
 
     if args.family:
         family = load_set(Path(args.family), args.limit)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kzoo.models.stablenormal.metrics import THRESHOLDS, angular_error, error_sums, read_normals, summarize
+from kzoo.models.stablenormal.metrics import (THRESHOLDS, angular_error, discontinuities, error_sums, read_normals,
+                                             summarize)
 
 
 def unit_vectors(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -94,6 +95,37 @@ def test_error_sums_add_up_across_a_split():
     for t in THRESHOLDS:
         assert 100 * whole[f"within_{t:g}"] / whole["count"] == pytest.approx(summary[f"within_{t:g}"], rel=1e-12)
 
+
+
+def test_discontinuities_match_a_loop_over_neighbours():
+    rng = np.random.default_rng(11)
+    base = unit_vectors(rng, (2, 1, 1))
+    # smooth turns of 0-10 degrees everywhere, jumps of 20-90 degrees on a random third of the pixels
+    turns = np.where(rng.random((2, 5, 7)) < 0.33, rng.uniform(20, 90, (2, 5, 7)), rng.uniform(0, 10, (2, 5, 7)))
+    normals = rotated(rng, np.broadcast_to(base, (2, 5, 7, 3)).copy(), turns)
+    valid = rng.random((2, 5, 7)) > 0.15
+    expected = np.zeros((2, 5, 7), dtype=bool)
+    for n, y, x in np.ndindex(*valid.shape):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                ny, nx = min(max(y + dy, 0), 4), min(max(x + dx, 0), 6)
+                angle = np.degrees(np.arccos(np.clip(normals[n, y, x] @ normals[n, ny, nx], -1, 1)))
+                expected[n, y, x] |= valid[n, y, x] and (not valid[n, ny, nx] or angle > 15)
+    got = discontinuities(torch.from_numpy(normals).float(), torch.from_numpy(valid))
+    assert 0 < expected.sum() < valid.sum()
+    assert np.array_equal(got.numpy(), expected)
+
+
+def test_discontinuities_of_a_crease_are_the_two_columns_beside_it():
+    normals = torch.zeros(1, 4, 6, 3)
+    normals[..., :3, 2] = 1  # facing the camera left of the crease
+    normals[..., 3:, 0] = 1  # facing right beyond it
+    near = discontinuities(normals, torch.ones(1, 4, 6, dtype=torch.bool))
+    assert near[0].any(dim=0).tolist() == [False, False, True, True, False, False]
+    assert near[..., 2:4].all()
+    assert not discontinuities(normals, torch.ones(1, 4, 6, dtype=torch.bool), degrees=91).any()
+    with pytest.raises(ValueError, match=r"\(1, 4, 6, 3\).*\(1, 4, 5\)"):
+        discontinuities(normals, torch.ones(1, 4, 5, dtype=torch.bool))
 
 def test_png_round_trip_is_within_quantisation(tmp_path):
     rng = np.random.default_rng(4)

@@ -6,6 +6,7 @@ median and RMSE in degrees and the percentage under 11.25, 22.5 and 30 degrees.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,24 @@ def summarize(errors: torch.Tensor) -> dict[str, float]:
     summary.update({_within(t): 100.0 * (ordered < t).sum().item() / n for t in THRESHOLDS})
     summary["pixels"] = n
     return summary
+
+
+def discontinuities(normals: torch.Tensor, valid: torch.Tensor, degrees: float = 15.0) -> torch.Tensor:
+    """Valid pixels next to a crease, an occlusion edge or an invalid pixel: those with a neighbour
+    (of 8; the image border repeats itself) whose normal turns by more than ``degrees`` or that is
+    invalid. ``normals`` (N, H, W, 3) unit, ``valid`` (N, H, W) bool. Separates the error a coarse
+    prediction makes at edges from its error on the surfaces themselves."""
+    if normals.shape[:-1] != valid.shape or normals.shape[-1] != 3:
+        raise ValueError(f"normals {tuple(normals.shape)} and valid {tuple(valid.shape)} do not match as (N, H, W, 3)")
+    height, width = valid.shape[-2:]
+    unit = torch.where(valid[..., None], normals.double(), 0).permute(0, 3, 1, 2)
+    padded = F.pad(unit, (1, 1, 1, 1), mode="replicate")
+    cos_limit = math.cos(math.radians(degrees))
+    near = torch.zeros_like(valid)
+    for dy in range(3):
+        for dx in range(3):
+            near |= (unit * padded[:, :, dy:dy + height, dx:dx + width]).sum(1) < cos_limit
+    return near & valid
 
 
 def _png_normals(path: Path) -> tuple[np.ndarray, np.ndarray]:

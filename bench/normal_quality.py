@@ -161,12 +161,13 @@ def main() -> None:
 
     test = load_set(Path(args.test), args.limit)
     report["test"] = {"images": len(test["images"]), "seed": test["manifest"]["seed"]}
-    predictions = {}
+    predictions, errors = {}, {}
     for steps in (0, *STEP_COUNTS):
         start = time.perf_counter()
         predictions[steps] = predict(pipeline, test["images"], test["intrinsics"], steps=steps)
         seconds = (time.perf_counter() - start) / len(test["images"])
-        report.setdefault("steps", {})[str(steps)] = dict(pooled(errors_of(predictions[steps], test), test),
+        errors[steps] = errors_of(predictions[steps], test)
+        report.setdefault("steps", {})[str(steps)] = dict(pooled(errors[steps], test),
                                                           seconds_per_image=round(seconds, 4))
         log(f"steps {steps}: {report['steps'][str(steps)]}")
     if args.panel:
@@ -176,9 +177,8 @@ def main() -> None:
     elsewhere = test["masks"] & ~near
     report["discontinuities"] = {"fraction_of_pixels": round(near.sum().item() / test["masks"].sum().item(), 4)}
     for steps in (0, DEFAULT_STEPS):
-        errors = errors_of(predictions[steps], test)
-        report["discontinuities"][f"steps_{steps}"] = {"near": round(errors[near].mean().item(), 3),
-                                                       "elsewhere": round(errors[elsewhere].mean().item(), 3)}
+        report["discontinuities"][f"steps_{steps}"] = {"near": round(errors[steps][near].mean().item(), 3),
+                                                       "elsewhere": round(errors[steps][elsewhere].mean().item(), 3)}
     log(f"discontinuities: {report['discontinuities']}")
 
     if args.family:

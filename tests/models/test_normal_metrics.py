@@ -96,7 +96,6 @@ def test_error_sums_add_up_across_a_split():
         assert 100 * whole[f"within_{t:g}"] / whole["count"] == pytest.approx(summary[f"within_{t:g}"], rel=1e-12)
 
 
-
 def test_discontinuities_match_a_loop_over_neighbours():
     rng = np.random.default_rng(11)
     base = unit_vectors(rng, (2, 1, 1))
@@ -126,6 +125,7 @@ def test_discontinuities_of_a_crease_are_the_two_columns_beside_it():
     assert not discontinuities(normals, torch.ones(1, 4, 6, dtype=torch.bool), degrees=91).any()
     with pytest.raises(ValueError, match=r"\(1, 4, 6, 3\).*\(1, 4, 5\)"):
         discontinuities(normals, torch.ones(1, 4, 5, dtype=torch.bool))
+
 
 def test_png_round_trip_is_within_quantisation(tmp_path):
     rng = np.random.default_rng(4)

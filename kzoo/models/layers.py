@@ -170,6 +170,7 @@ class SparseSelfAttention(nn.Module):
     def forward(self, x: Tensor, kv_start: Tensor, kv_end: Tensor) -> Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # CUDA autocast runs the norms in fp32 and the linear in bf16; the op takes one dtype.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         x = torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, self.scale)[0]
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, length, dim)))

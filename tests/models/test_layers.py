@@ -96,3 +96,67 @@ def test_sparse_self_attention_matches_masked_attention_and_compiles():
     assert all(p.grad is not None for p in attn.parameters())
     with pytest.raises(ValueError, match="dim=30"):
         SparseSelfAttention(30, num_heads=4)
+
+
+class Float32LayerNorm(torch.nn.LayerNorm):
+    """What CUDA autocast makes of every LayerNorm: float32 out, whatever comes in."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+def test_sparse_self_attention_takes_norms_that_upcast():
+    """Under CUDA autocast q and k leave their norms in fp32 while v leaves the linear in bf16: the
+    layer hands the op one dtype (here the same split made on the CPU by an fp32 norm)."""
+    from kzoo.kernels import reference, scale_ranges
+    from kzoo.models.layers import SparseSelfAttention
+
+    torch.manual_seed(1)
+    attn = SparseSelfAttention(64, num_heads=4, qk_norm=True, norm_layer=Float32LayerNorm, dtype=torch.bfloat16)
+    start, end = scale_ranges((1, 2, 3, 4), "markov")
+    x = torch.randn(2, 30, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = attn(x, start, end)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.isfinite().all()
+
+    qkv = F.linear(x.detach().double(), attn.qkv.weight.double(), attn.qkv.bias.double())
+    q, k, v = qkv.reshape(2, 30, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    q, k = (F.layer_norm(t, (16,), norm.weight.double(), norm.bias.double(), norm.eps)
+            for t, norm in ((q, attn.q_norm), (k, attn.k_norm)))
+    expected = reference.block_sparse_attention(q, k, v, start, end).transpose(1, 2).reshape(2, 30, 64)
+    expected = F.linear(expected, attn.proj.weight.double(), attn.proj.bias.double())
+    assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast's fp32 norms exist only on CUDA")
+def test_attention_layers_under_cuda_autocast():
+    """SparseSelfAttention (qk norm) and HMAR's ScaleSelfAttention (L2 norm, KV cache) forward and
+    backward under bf16 autocast, against the same layers in fp32."""
+    from kzoo.kernels import scale_ranges
+    from kzoo.models.hmar.hmar import KVCache, ScaleSelfAttention
+    from kzoo.models.layers import SparseSelfAttention
+
+    torch.manual_seed(2)
+    start, end = (t.cuda() for t in scale_ranges((1, 2, 3, 4, 5), "markov"))
+    x = torch.randn(3, 55, 128, device="cuda")
+    for layer in (SparseSelfAttention(128, num_heads=2, qk_norm=True), ScaleSelfAttention(128, num_heads=2)):
+        layer.cuda()
+        expected = layer(x, start, end)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x, start, end)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+        out.float().sum().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in layer.parameters())
+    # cached sampling: the second scale's queries attend to the first scale's cached keys
+    cache, layer = KVCache(), ScaleSelfAttention(128, num_heads=2).cuda()
+    first, second = x[:, :1], x[:, 1:5]
+    ranges = [(torch.zeros(n, dtype=torch.int32, device="cuda"), torch.full((n,), keys, dtype=torch.int32,
+               device="cuda")) for n, keys in ((1, 1), (4, 5))]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        layer(first, *ranges[0], cache)
+        cached = layer(second, *ranges[1], cache)
+    full = layer(x[:, :5], torch.zeros(5, dtype=torch.int32, device="cuda"),
+                 torch.tensor([1, 5, 5, 5, 5], dtype=torch.int32, device="cuda"))
+    assert (cached.float() - full[:, 1:5]).abs().max() < 0.05 * full.abs().max()

@@ -107,9 +107,10 @@ class ScaleSelfAttention(nn.Module):
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()
-        # Under autocast the fp32 scale would promote q alone; the op wants one dtype.
+        # CUDA autocast normalises in fp32 (and the fp32 scale promotes q) while v comes from the
+        # bf16 linear; the op takes one dtype.
         q = (F.normalize(q, dim=-1) * q_scale).to(v.dtype)
-        k = F.normalize(k, dim=-1)
+        k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:
             k, v = cache.extend(k, v)
         out = torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, 1.0)[0]

@@ -100,6 +100,8 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
     batch = batch or (4 if on_gpu else 1)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     rows = []
+    name = f"attention-{device_name(device)}"
+    payload = dict(benchmark="attention", environment=environment(device), repeats=repeats, rows=rows)
     for resolution in resolutions:
         for mode in ("markov", "block_causal", "causal"):
             start, end = (t.to(device) for t in _layout(resolution, mode))
@@ -131,9 +133,8 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
                     rows[-1]["rounds"] = dict(forward=len(forward["kzoo"]), forward_backward=len(both["kzoo"]))
                 print(f"{resolution} {mode:12s} {depth}: kzoo {timings['kzoo']['forward_ms']:.2f} ms fwd, "
                       f"{timings['kzoo']['forward_speedup_vs_sdpa_masked']:.2f}x masked SDPA")
-    name = f"attention-{device_name(device)}"
-    payload = dict(benchmark="attention", environment=environment(device), repeats=repeats, rows=rows)
-    json_path = write_results(out_dir, name, payload)
+                # after every row: a run stopped at a time limit keeps what it measured
+                json_path = write_results(out_dir, name, payload)
     labels = [f"{r['resolution']} {r['mode']}\n{r['depth']}" for r in rows]
     series = {f"{m} fwd+bwd": [r["timings"][m]["forward_backward_ms"] for r in rows] for m in rows[0]["timings"]}
     plot = bar_chart(out_dir / f"{name}.png", f"block-sparse attention, {device_name(device)} (median ms)",

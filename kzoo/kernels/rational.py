@@ -48,6 +48,8 @@ def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim
 
 def _memory_order(x: Tensor) -> list[int]:
     """A permutation under which x is contiguous; the identity when x is not dense."""
+    if x.is_contiguous():  # the common case, without the permute below (this runs on every call)
+        return list(range(x.ndim))
     order = sorted(range(x.ndim), key=lambda d: x.stride(d), reverse=True)
     return order if x.permute(order).is_contiguous() else list(range(x.ndim))
 

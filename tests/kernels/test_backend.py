@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -40,3 +41,12 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="'fast'"):
         with use_backend("fast"):
             pass
+
+
+def test_host_ceil_div_matches_exact_division():
+    from kzoo.kernels.triton import ceil_div
+
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 17, 64, 128):
+            assert ceil_div(a, b) == math.ceil(a / b) and isinstance(ceil_div(a, b), int)
+    assert ceil_div(2**40 + 1, 2**20) == 2**20 + 1  # large grids stay exact integers

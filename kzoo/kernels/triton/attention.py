@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import POINTER_TYPES
+from . import POINTER_TYPES, ceil_div
 from ..backend import launch_device, triton_interpreted
 from ..reference import LOG2E
 
@@ -351,7 +351,7 @@ def query_span_per_key_tile(kv_start: Tensor, kv_end: Tensor, num_keys: int, blo
     """
     lq = kv_start.shape[-1]
     start, end = kv_start.reshape(-1, lq).long(), kv_end.reshape(-1, lq).long()
-    tiles = triton.cdiv(num_keys, block_n)
+    tiles = ceil_div(num_keys, block_n)
     leaves = 1 << (tiles - 1).bit_length()  # node 1 is the root, leaves sit at leaves..2*leaves-1
     has_keys = start < end
     lo = torch.where(has_keys, start // block_n, 0) + leaves  # half-open [lo, hi) of nodes at each level
@@ -425,7 +425,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end:
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, lq, device=q.device, dtype=torch.float32)
     config = tile_config(head_dim, q.dtype)
-    counts, count_tiles = _tile_counter(tile_counts, "forward", triton.cdiv(lq, config["BLOCK_M"]), batch * heads,
+    counts, count_tiles = _tile_counter(tile_counts, "forward", ceil_div(lq, config["BLOCK_M"]), batch * heads,
                                         start)
     args = (q, k, v, out, lse, start, end, seen, counts,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -434,11 +434,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end:
     with launch_device(q):
         if q.is_cuda and not count_tiles:
             def grid(meta):
-                return triton.cdiv(lq, meta["BLOCK_M"]), batch * heads
+                return ceil_div(lq, meta["BLOCK_M"]), batch * heads
 
             _autotuned_forward()[grid](*args, HEAD_DIM=head_dim, PRECISION=_precision(q.dtype), COUNT_TILES=False)
         else:
-            grid = (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)
+            grid = (ceil_div(lq, config["BLOCK_M"]), batch * heads)
             attention_forward_kernel[grid](*args, HEAD_DIM=head_dim, PRECISION=_precision(q.dtype),
                                            COUNT_TILES=count_tiles, **config)
     return out, lse
@@ -463,7 +463,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     precision = _precision(q.dtype)
     delta = torch.empty(batch, heads, lq, device=q.device, dtype=torch.float32)
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
-    key_tiles, query_tiles = triton.cdiv(lk, block_n), triton.cdiv(lq, block_m)
+    key_tiles, query_tiles = ceil_div(lk, block_n), ceil_div(lq, block_m)
     dkdv_counts, count_tiles = _tile_counter(tile_counts, "dkdv", key_tiles, batch * heads, start)
     dq_counts, _ = _tile_counter(tile_counts, "dq", query_tiles, batch * heads, start)
     with launch_device(q):

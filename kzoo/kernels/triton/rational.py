@@ -14,12 +14,14 @@ Every offset from a base pointer is 64-bit: row * row stride passes 2^31 in larg
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import POINTER_TYPES
+from . import POINTER_TYPES, ceil_div
 from ..backend import launch_device, triton_interpreted
 
 FORWARD_BLOCK = 2048
@@ -106,12 +108,13 @@ def group_rational_kernel(
         tl.store(out + 9, tl.where(b3 < 0, -1.0, 1.0) * tl.sum(tl.sum(t, 1), 0))
 
 
+@functools.lru_cache(maxsize=1024)  # every launch asks; a training run asks for a few shapes
 def tile_shape(rows: int, span: int, block: int) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_SPAN) with BLOCK_ROWS * BLOCK_SPAN = block: the fewest padded lanes,
     then the fewest programs, then the widest contiguous rows."""
     def cost(block_span):
         block_rows = block // block_span
-        row_tiles, span_tiles = triton.cdiv(rows, block_rows), triton.cdiv(span, block_span)
+        row_tiles, span_tiles = ceil_div(rows, block_rows), ceil_div(span, block_span)
         return row_tiles * block_rows * span_tiles * block_span, row_tiles * span_tiles, -block_span
 
     block_span = min(span_blocks(block), key=cost)
@@ -127,7 +130,7 @@ def _grid(rows: int, span: int, groups: int, block: int) -> tuple[tuple[int, int
     if triton_interpreted():
         block = INTERPRETER_BLOCK
     block_rows, block_span = tile_shape(rows, span, block)
-    return (triton.cdiv(rows, block_rows) * triton.cdiv(span, block_span), groups), block_rows, block_span
+    return (ceil_div(rows, block_rows) * ceil_div(span, block_span), groups), block_rows, block_span
 
 
 def _coefficients(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor, int]:

@@ -6,6 +6,8 @@ Compared side by side in one run, on the same q, k, v (on CPU the methods' steps
 * ``sdpa_masked``: ``scaled_dot_product_attention`` with the dense boolean mask (what VAR trains with);
 * ``sdpa_dense``: SDPA without a mask, the work of the full sequence (FlashAttention on GPU);
 * ``flex`` (GPU only): ``flex_attention`` with a ``create_block_mask`` built from the same ranges.
+On a GPU the kzoo forward is also replayed from a CUDA graph (``graph_forward_ms``): the kernels'
+time without the op's Python.
 TFLOP/s count only the allowed (query, key) pairs: 4 B H D pairs for the forward, 2.5 times that
 again for the backward. Speedups over masked SDPA are, on CPU, the median over rounds of the two
 methods' times in the same round (the machine's speed drifts between rounds).
@@ -21,8 +23,8 @@ from torch import Tensor
 
 from kzoo.kernels import block_sparse_attention, causal_ranges, reference, scale_ranges
 
-from .common import (bar_chart, device_name, environment, interleaved_times_ms, median_ms, paired_speedup,
-                     write_results)
+from .common import (bar_chart, device_name, environment, graphed_median_ms, interleaved_times_ms, median_ms,
+                     paired_speedup, write_results)
 
 SCHEDULES = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -126,6 +128,11 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
                         forward_TFLOPs_executed=work / forward_ms / 1e9,
                         forward_speedup_vs_sdpa_masked=paired_speedup(forward["sdpa_masked"], forward[name]),
                         forward_backward_speedup_vs_sdpa_masked=paired_speedup(both["sdpa_masked"], both[name]))
+                if on_gpu:
+                    def kzoo_forward():
+                        with torch.no_grad():
+                            methods["kzoo"](q, k, v)
+                    timings["kzoo"]["graph_forward_ms"] = graphed_median_ms(kzoo_forward, repeats)
                 rows.append(dict(resolution=resolution, mode=mode, depth=depth, batch=batch, heads=heads,
                                  head_dim=HEAD_DIM, length=length, allowed_pairs=pairs,
                                  dtype=str(dtype).removeprefix("torch."), timings=timings))

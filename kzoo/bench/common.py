@@ -38,6 +38,17 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return 1e3 * statistics.median(times)
 
 
+def graphed_median_ms(fn: Callable[[], object], repeats: int) -> float | str:
+    """Median ms of fn replayed from a CUDA graph: the GPU's time without the Python that launches
+    its kernels. A step that cannot be captured gives its error's first line instead."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=20 * repeats, return_mode="median"))
+    except Exception as error:  # a measurement that cannot be taken is reported, not fatal
+        return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def interleaved_times_ms(steps: dict, device: torch.device, warmup: int, iters: int,
                          min_seconds: float = 0.0) -> dict[str, list[float]]:
     """Each callable's step times in ms, round by round: every round runs each step once, so that

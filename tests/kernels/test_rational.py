@@ -155,9 +155,33 @@ def test_backward_writes_one_partial_row_per_program_and_no_atomics(monkeypatch)
     (grid, args, kwargs), = [launch for launch in launches if launch[2]["BACKWARD"]]
     partials = args[4]
     assert grid[0] > 1 and partials.shape == (grid[0], grid[1], kernels.PARTIALS)
+    # 15000 rows in tiles of 1024 rows: programs walk 4 tiles, the last one a tile past the end.
+    assert kwargs["BLOCK_ROWS"] == 1024 and kwargs["TILES"] == 4 and grid[0] == 4
     assert partials.dtype == torch.float32
     torch.testing.assert_close(dden, partials[:, :, 6:].sum(0))
     torch.testing.assert_close(dnum, partials[:, :, :6].sum((0, 1))[None])
+
+
+@pytest.mark.parametrize("rows,span,groups", [(128 * 197, 96, 8), (128 * 197, 384, 8), (8 * 197, 96, 8),
+                                             (7, 8, 1), (100_003, 16, 1), (64 * 56 * 56, 12, 8)])
+def test_backward_programs_walk_tiles_yet_fill_the_gpu(rows, span, groups):
+    """Each backward program walks the most tiles (of BACKWARD_TILES) that still leave MIN_PROGRAMS
+    programs, and the programs cover every row tile exactly once (GPU sizes, no launch)."""
+    from kzoo.kernels.triton import rational as kernels
+
+    (grid_rows, grid_groups), tiling = kernels._tiling(rows, span, groups, kernels.BACKWARD_BLOCK,
+                                                       kernels.BACKWARD_TILES, kernels.MIN_PROGRAMS)
+    tiles, block_rows, block_span = tiling["TILES"], tiling["BLOCK_ROWS"], tiling["BLOCK_SPAN"]
+    assert block_rows * block_span == kernels.BACKWARD_BLOCK and grid_groups == groups
+    span_tiles, row_tiles = -(-span // block_span), -(-rows // block_rows)
+    programs_down = grid_rows // span_tiles
+    assert grid_rows == programs_down * span_tiles
+    assert (programs_down - 1) * tiles < row_tiles <= programs_down * tiles
+    if tiles > 1:
+        assert grid_rows * groups >= kernels.MIN_PROGRAMS
+    bigger = [t for t in kernels.BACKWARD_TILES if t > tiles]
+    if bigger:  # the next choice would leave too few programs, or walk past every row tile
+        assert bigger[0] > row_tiles or -(-row_tiles // bigger[0]) * span_tiles * groups < kernels.MIN_PROGRAMS
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -118,16 +118,16 @@ def run(device: torch.device, resolutions=None, depths=None, batch: int | None =
                 flops = 4 * batch * heads * HEAD_DIM * pairs
                 forward, both = _time_methods(methods, q, k, v, grad_out, device, repeats, min_seconds)
                 timings = {}
-                for name in methods:
-                    work = flops if name != "sdpa_dense" else 4 * batch * heads * HEAD_DIM * length * length
-                    forward_ms, both_ms = statistics.median(forward[name]), statistics.median(both[name])
-                    timings[name] = dict(
+                for method in methods:
+                    work = flops if method != "sdpa_dense" else 4 * batch * heads * HEAD_DIM * length * length
+                    forward_ms, both_ms = statistics.median(forward[method]), statistics.median(both[method])
+                    timings[method] = dict(
                         forward_ms=forward_ms, forward_backward_ms=both_ms,
                         forward_TFLOPs_allowed=flops / forward_ms / 1e9,
                         forward_backward_TFLOPs_allowed=3.5 * flops / both_ms / 1e9,
                         forward_TFLOPs_executed=work / forward_ms / 1e9,
-                        forward_speedup_vs_sdpa_masked=paired_speedup(forward["sdpa_masked"], forward[name]),
-                        forward_backward_speedup_vs_sdpa_masked=paired_speedup(both["sdpa_masked"], both[name]))
+                        forward_speedup_vs_sdpa_masked=paired_speedup(forward["sdpa_masked"], forward[method]),
+                        forward_backward_speedup_vs_sdpa_masked=paired_speedup(both["sdpa_masked"], both[method]))
                 if on_gpu:
                     def kzoo_forward():
                         with torch.no_grad():

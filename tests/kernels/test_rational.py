@@ -155,8 +155,8 @@ def test_backward_writes_one_partial_row_per_program_and_no_atomics(monkeypatch)
     (grid, args, kwargs), = [launch for launch in launches if launch[2]["BACKWARD"]]
     partials = args[4]
     assert grid[0] > 1 and partials.shape == (grid[0], grid[1], kernels.PARTIALS)
-    # 15000 rows in tiles of 1024 rows: programs walk 4 tiles, the last one a tile past the end.
-    assert kwargs["BLOCK_ROWS"] == 1024 and kwargs["TILES"] == 4 and grid[0] == 4
+    if not x.is_cuda:  # the interpreter's tiles: 15000 rows in tiles of 1024 rows, 4 a program
+        assert kwargs["BLOCK_ROWS"] == 1024 and kwargs["TILES"] == 4 and grid[0] == 4
     assert partials.dtype == torch.float32
     torch.testing.assert_close(dden, partials[:, :, 6:].sum(0))
     torch.testing.assert_close(dnum, partials[:, :, :6].sum((0, 1))[None])
@@ -197,7 +197,8 @@ def test_cpu_path_matches_reference(rows, channels, groups, channel_dim, dtype, 
 def test_memory_layouts(backend, device, poison):
     """Channels-last NCHW, transposed and sliced inputs give the reference result; a dense x's
     output has x's strides, any other x's output is contiguous."""
-    base = torch.randn(3, 16, 5, 7)
+    # Views of a tensor already on the device: copying a strided view to CUDA makes it dense.
+    base = torch.randn(3, 16, 5, 7).to(device)
     numerator, denominator = torch.randn(1, 6).to(device), torch.randn(4, 4).to(device)
     cases = [  # (x, channel_dim, x is dense)
         (base.to(memory_format=torch.channels_last), 1, True),
@@ -207,7 +208,6 @@ def test_memory_layouts(backend, device, poison):
         (base.flatten(2).transpose(1, 2), -1, True),
     ]
     for x, channel_dim, dense in cases:
-        x = x.to(device)
         grad_out = torch.randn(x.shape).to(device)
         with use_backend(backend):
             y, grads = run_op(x, numerator, denominator, channel_dim, grad_out)

@@ -101,7 +101,11 @@ def test_a_sample_depends_on_its_index_not_on_the_batch_it_was_drawn_in(models, 
     batched = np.load(tmp_path / "batched" / "samples.npz")["images"]
     assert len({image.tobytes() for image in batched}) == 6  # random draws, one per index
     for other in ("single", "pairs"):
-        assert np.array_equal(np.load(tmp_path / other / "samples.npz")["images"], batched), other
+        # The draws are the index's alone; the decoder's float convolutions may still round a pixel
+        # differently at another batch size (the CPU library picks its kernels by shape). A token
+        # drawn differently would change a whole patch.
+        difference = np.abs(np.load(tmp_path / other / "samples.npz")["images"].astype(int) - batched)
+        assert difference.max() <= 1 and np.count_nonzero(difference) <= 6, (other, np.count_nonzero(difference))
     assert sample(models, tmp_path / "reseeded", *flags, "--seed", "1") == 0
     reseeded = np.load(tmp_path / "reseeded" / "samples.npz")["images"]
     assert np.array_equal(reseeded[:2], batched[1:3])  # seed 1 + index i is seed 0's index i + 1 (same class 0)

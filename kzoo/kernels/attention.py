@@ -2,6 +2,8 @@
 
 Query i attends key j iff ``kv_start[i] <= j < kv_end[i]``. The op returns the output and, for
 the backward, each query's log-sum-exp (base 2), the same statistic on every backend.
+:func:`block_sparse_attention` runs the same implementation through a plain ``autograd.Function``
+in eager mode (:func:`backend.eager`) and through the registered op otherwise.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import resolve
+from .backend import eager, resolve
 
 HEAD_DIMS = (16, 32, 64, 128)
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -130,8 +132,7 @@ def _remembered(compute: Callable[..., _Fact], kv_start: Tensor, kv_end: Tensor,
 
 # --- the op ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kzoo::block_sparse_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
+def _forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
                   scale: float) -> tuple[Tensor, Tensor]:
     """(out, stats): stats is :func:`reference.attention_log_sum_exp` on every backend (base 2,
     (B, H, Lq) float32), which the backward starts from."""
@@ -155,14 +156,16 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Ten
     return out.contiguous(), reference.attention_log_sum_exp(q, k, kv_start, kv_end, scale)
 
 
+_attention_op = torch.library.custom_op("kzoo::block_sparse_attention", mutates_args=())(_forward)
+
+
 @_attention_op.register_fake
 def _(q, k, v, kv_start, kv_end, scale):
     _check_inputs(q, k, v, kv_start, kv_end)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("kzoo::block_sparse_attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
                            kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -182,6 +185,9 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     return tuple(g.contiguous() for g in grads)
 
 
+_attention_backward_op = torch.library.custom_op("kzoo::block_sparse_attention_backward", mutates_args=())(_backward)
+
+
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, stats, kv_start, kv_end, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -195,14 +201,32 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, grad_out: Tensor, grad_stats):
+def _op_backward(ctx, grad_out: Tensor, grad_stats):
     q, k, v, out, stats, kv_start, kv_end = ctx.saved_tensors
     dq, dk, dv = torch.ops.kzoo.block_sparse_attention_backward(
         grad_out.contiguous(), q, k, v, out, stats, kv_start, kv_end, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The registered op's autograd without its dispatch: the same ``_forward`` and ``_backward``."""
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float):
+        return _forward(q, k, v, kv_start, kv_end, scale)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_stats):
+        if torch.is_grad_enabled():  # create_graph: the op's backward, which refuses a second derivative
+            return _op_backward(ctx, grad_out, grad_stats)
+        q, k, v, out, stats, kv_start, kv_end = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out.contiguous(), q, k, v, out, stats, kv_start, kv_end, ctx.scale)
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, *,
@@ -215,4 +239,6 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv
     not even as NaN.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if eager(q, k, v, kv_start, kv_end):
+        return _EagerAttention.apply(q, k, v, kv_start, kv_end, scale)[0]
     return torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, scale)[0]

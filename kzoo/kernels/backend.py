@@ -63,6 +63,24 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
     return "cpu" if device.type == "cpu" else "reference"
 
 
+def eager(*tensors: torch.Tensor) -> bool:
+    """Whether an op may run its implementation under a plain ``torch.autograd.Function`` instead of
+    dispatching through its ``torch.library`` registration: in eager mode, on plain tensors.
+
+    torch.library's Python dispatch (autograd wrapper, redispatch, backend wrapper) took the largest
+    share of the ops' host time under cProfile on the H200's host with torch 2.11
+    (``bench/host_profile.py``: 0.7 ms a rational fwd+bwd, where the kernels take 0.1). Compilers,
+    export, tracing, fake and functional tensors and torch.func transforms still see the
+    registered op.
+    """
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def launch_device(x: torch.Tensor):
     """Context for a kernel launch on x's GPU rather than the current one (the original KAT kernels
     failed on cuda:1, kat#28); a no-op for CPU tensors under the interpreter."""

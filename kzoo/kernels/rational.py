@@ -1,5 +1,9 @@
 """``torch.ops.kzoo.group_rational``: registration, autograd, input checks and backend dispatch.
 
+:func:`group_rational` runs the same implementation through a plain ``autograd.Function`` in eager
+mode (:func:`backend.eager`: torch.library's dispatch costs more host time than the kernels take)
+and through the registered op under ``torch.compile``, export and fake tensors.
+
 Every backend sees x as a contiguous (rows, groups, span) tensor. For any dense x (contiguous,
 channels-last, permuted) that view is taken in x's own memory order, so no copy is made and the
 output has x's strides; other inputs are made contiguous once.
@@ -12,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import resolve
+from .backend import eager, resolve
 from .reference import DENOMINATOR_TERMS, NUMERATOR_TERMS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,8 +71,7 @@ def _ungrouped(grouped: Tensor, like: Tensor, order: list[int]) -> Tensor:
     return grouped.view([like.shape[d] for d in order]).permute(inverse)
 
 
-@torch.library.custom_op("kzoo::group_rational", mutates_args=())
-def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int) -> Tensor:
+def _forward(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int) -> Tensor:
     channel_dim = _check_inputs(x, numerator, denominator, channel_dim)
     order = _memory_order(x)
     xg = _grouped(x, order, channel_dim, denominator.shape[0])
@@ -88,6 +91,9 @@ def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor, channe
     return _ungrouped(y, x, order)
 
 
+_group_rational_op = torch.library.custom_op("kzoo::group_rational", mutates_args=())(_forward)
+
+
 @_group_rational_op.register_fake
 def _empty_output(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int) -> Tensor:
     channel_dim = _check_inputs(x, numerator, denominator, channel_dim)
@@ -95,8 +101,7 @@ def _empty_output(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim
     return _ungrouped(torch.empty_like(_grouped(x, order, channel_dim, denominator.shape[0])), x, order)
 
 
-@torch.library.custom_op("kzoo::group_rational_backward", mutates_args=())
-def _group_rational_backward_op(
+def _backward(
     grad_out: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     channel_dim = _check_inputs(x, numerator, denominator, channel_dim)
@@ -120,6 +125,9 @@ def _group_rational_backward_op(
     return _ungrouped(dx, x, order), dnum, dden
 
 
+_group_rational_backward_op = torch.library.custom_op("kzoo::group_rational_backward", mutates_args=())(_backward)
+
+
 @_group_rational_backward_op.register_fake
 def _(grad_out: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int):
     return _empty_output(x, numerator, denominator, channel_dim), torch.empty_like(numerator), torch.empty_like(denominator)
@@ -131,13 +139,29 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.channel_dim = channel_dim
 
 
-def _backward(ctx, grad_out: Tensor):
+def _op_backward(ctx, grad_out: Tensor):
     x, numerator, denominator = ctx.saved_tensors
     dx, dnum, dden = torch.ops.kzoo.group_rational_backward(grad_out, x, numerator, denominator, ctx.channel_dim)
     return dx, dnum, dden, None
 
 
-_group_rational_op.register_autograd(_backward, setup_context=_setup_context)
+_group_rational_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerGroupRational(torch.autograd.Function):
+    """The registered op's autograd without its dispatch: the same ``_forward`` and ``_backward``."""
+
+    @staticmethod
+    def forward(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int) -> Tensor:
+        return _forward(x, numerator, denominator, channel_dim)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():  # create_graph: the op's backward, which refuses a second derivative
+            return _op_backward(ctx, grad_out)
+        return (*_backward(grad_out, *ctx.saved_tensors, ctx.channel_dim), None)
 
 
 def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, *, channel_dim: int = -1) -> Tensor:
@@ -146,4 +170,6 @@ def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, *, channel
     x: float tensor with C channels on ``channel_dim`` (-1 for tokens, 1 for NCHW images);
     numerator: (1, 6) shared or (G, 6); denominator: (G, 4); C % G == 0.
     """
+    if eager(x, numerator, denominator):
+        return _EagerGroupRational.apply(x, numerator, denominator, channel_dim)
     return torch.ops.kzoo.group_rational(x, numerator, denominator, channel_dim)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kzoo.kernels import reference
+from kzoo.kernels import block_sparse_attention, group_rational, reference
 
 # Initial (numerator a0..a5, denominator b0..b3) for the kernels' version-A form
 # F(x) = sum a_i x^i / (1 + sum |b_i| |x|^(i+1)), each within 2e-2 of its target on [-3, 3].
@@ -78,7 +78,9 @@ class GroupRational(nn.Module):
         self.weight_denominator.copy_(torch.tensor(denominator, device=self.weight_denominator.device).expand_as(self.weight_denominator))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.kzoo.group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim)
+        if torch.jit.is_scripting():  # TorchScript calls registered ops, not Python
+            return torch.ops.kzoo.group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim)
+        return group_rational(x, self.weight_numerator, self.weight_denominator, channel_dim=self.channel_dim)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, init={self.init!r}, channel_dim={self.channel_dim}, "
@@ -172,5 +174,5 @@ class SparseSelfAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # CUDA autocast runs the norms in fp32 and the linear in bf16; the op takes one dtype.
         q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        x = torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, self.scale)[0]
+        x = block_sparse_attention(q, k, v, kv_start, kv_end, scale=self.scale)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, length, dim)))

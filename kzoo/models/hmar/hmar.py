@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from kzoo.kernels import scale_ranges
+from kzoo.kernels import block_sparse_attention, scale_ranges
 
 from ..hub import check_fits, read_state_dict, resolve_weights
 from .vqvae import VAR_PATCH_NUMS
@@ -113,7 +113,7 @@ class ScaleSelfAttention(nn.Module):
         k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:
             k, v = cache.extend(k, v)
-        out = torch.ops.kzoo.block_sparse_attention(q, k, v, kv_start, kv_end, 1.0)[0]
+        out = block_sparse_attention(q, k, v, kv_start, kv_end, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one pass, for a GPU lent for minutes (the device tool's machine has torch,
-# triton, timm and pytest-xdist, so kzoo runs from the tree): the five benchmarks, then the kernel
-# and layer tests on CUDA. Benchmarks go first because their numbers are what only a GPU gives;
+# triton, timm and pytest-xdist, so kzoo runs from the tree): the five benchmarks and the host
+# profile, then the kernel and layer tests on CUDA. Benchmarks go first because their numbers are what only a GPU gives;
 # each step has its own time limit, and the attention benchmark writes its JSON after every row.
-#   bash bench/gpu_check.sh                         # every step, in under 600 s
-#   bash bench/gpu_check.sh rational models tests   # the steps named, in this script's order
+#   bash bench/gpu_check.sh                              # every step, in under 600 s
+#   bash bench/gpu_check.sh rational host models tests   # the steps named, in this script's order
 # The tests get what is left of 590 s (at least 60), so they run longest when fewer steps are named.
 # Logs, JSON and PNG results land in bench/results, or, where $OUT is set (the device tool, which
 # brings back at most 8 files), packed into $OUT/gpu_check.tar.gz beside the summary
@@ -24,7 +24,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
     2>&1 | tee "$summary" || exit 1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>/dev/null | tee -a "$summary"
 failed=0
-chosen=" ${*:-rational models attention hmar normal tests} "
+chosen=" ${*:-rational host models attention hmar normal tests} "
 step() {  # step NAME SECONDS COMMAND...: run COMMAND, logged to NAME.log, if NAME was chosen
     local name=$1 limit=$2 began=$SECONDS status; shift 2
     [[ $chosen == *" $name "* ]] || return 0
@@ -34,6 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND, logged to NAME.log, if NA
     echo "$name: exit $status after $((SECONDS - began)) s of $limit" | tee -a "$summary"
 }
 step rational 70 python3 -m kzoo bench rational --out "$out"
+step host 40 python3 bench/host_profile.py --out "$out"
 step models 55 python3 -m kzoo bench models --out "$out"
 step attention 200 python3 -m kzoo bench attention --out "$out"
 step hmar 75 python3 -m kzoo bench hmar --out "$out"

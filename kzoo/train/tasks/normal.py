@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
     group.add_argument("--estimator", default=None, help="sgdrn: the trained YOSO (a kzoo checkpoint), kept frozen")
     group.add_argument("--init-from", default=None,
-                       help="start from the weights (EMA when present) of a checkpoint of the same model, with a "
-                            "fresh optimizer and schedule: a finished run trained further (--resume continues one)")
+                       help="start from the weights (EMA when present) of a checkpoint of the same model, or this "
+                            "stage's network in a pipeline file such as the bundled one, with a fresh optimizer "
+                            "and schedule: a finished run trained further (--resume continues one)")
     group.add_argument("--crop", type=int, default=96, help="random square crop of the training images (0: none)")
     group.add_argument("--no-flip", action="store_true", help="no random left-right mirroring")
     group.add_argument("--shrinkage", type=float, default=0.4,
@@ -91,6 +92,18 @@ def _read_checkpoint(spec: str | Path) -> tuple[Path, dict, str, dict]:
         raise ValueError(f"{path}: not a kzoo checkpoint")
     weights, config = found
     return path, weights, config.pop("model"), config
+
+
+def _pipeline_part(path: Path, weights: dict, config: dict, part: str) -> tuple[str, dict, dict]:
+    """(model name, float32 weights, config) of a pipeline file's estimator or refiner, so that a
+    fresh checkout can train the bundled networks further (the file stores them as float16)."""
+    if part not in config:
+        raise ValueError(f"{path}: a pipeline without a {part}")
+    config = dict(config[part])
+    prefix = part + "."
+    weights = {key[len(prefix):]: value.float() if value.is_floating_point() else value
+               for key, value in weights.items() if key.startswith(prefix)}
+    return config.pop("model"), weights, config
 
 
 def load_estimator(spec: str | Path) -> tuple[YOSO, Path]:
@@ -187,6 +200,9 @@ class NormalTask(Task):
         weights = None
         if self.args.init_from:
             path, weights, name, config = _read_checkpoint(self.args.init_from)
+            if name == PIPELINE_MODEL:
+                name, weights, config = _pipeline_part(path, weights, config, "estimator" if self.args.stage == "yoso"
+                                                       else "refiner")
             if name != self.model_name:
                 raise ValueError(f"--init-from {path}: a checkpoint of {name}, not of {self.model_name}")
             config.pop("estimator", None)

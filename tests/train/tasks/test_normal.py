@@ -215,6 +215,30 @@ def test_init_from_starts_a_fresh_run_from_a_checkpoints_weights_and_architectur
                                                                         abs=1e-4)
 
 
+def test_init_from_a_pipeline_file_takes_its_stage_network_in_float32(data, yoso_run, tmp_path, capsys):
+    """A fresh checkout has only the bundled file: --init-from reads the stage's network out of a
+    pipeline file (float16 there), and a pipeline without that network is a one-line error."""
+    from kzoo.train.tasks.normal import save_pipeline
+
+    weights, config = checkpoint.read_kzoo_model(yoso_run / "checkpoints" / "last")
+    estimator = load_pipeline(yoso_run / "checkpoints" / "last").estimator
+    bundle = tmp_path / "pipeline.safetensors"
+    save_pipeline(StableNormal(estimator), bundle, config, None, half=True)
+    args = ["train", "normal", "--data-dir", str(data), "--model", "yoso_kat", *RECIPE, "--lr", "0",
+            "--epochs", "1", "--init-from", str(bundle), "--output", str(tmp_path / "run")]
+    assert main(args) == 0
+    started, started_config = checkpoint.read_kzoo_model(tmp_path / "run" / "checkpoints" / "last")
+    assert started_config == config and started.keys() == weights.keys()
+    for key, value in weights.items():
+        expected = value.half().float() if value.is_floating_point() else value
+        assert started[key].dtype == value.dtype and torch.equal(started[key], expected), key
+    refiner_args = ["train", "normal", "--data-dir", str(data), *SGDRN_ARGS, *RECIPE, "--estimator",
+                    str(yoso_run / "checkpoints" / "last"), "--init-from", str(bundle), "--output", str(tmp_path / "r")]
+    capsys.readouterr()
+    assert main(refiner_args) == 2
+    assert f"{bundle}: a pipeline without a refiner" in capsys.readouterr().err
+
+
 # --- the loss and the evaluation sums --------------------------------------------------------------------
 
 def test_angular_loss_is_the_mean_angle_over_valid_pixels_with_its_gradient():

@@ -215,10 +215,12 @@ class _EagerAttention(torch.autograd.Function):
     """The registered op's autograd without its dispatch: the same ``_forward`` and ``_backward``."""
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float):
-        return _forward(q, k, v, kv_start, kv_end, scale)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, scale: float):
+        # ctx in forward, not a setup_context: with one, apply binds its arguments through
+        # inspect.signature on every call
+        output = _forward(q, k, v, kv_start, kv_end, scale)
+        _setup_context(ctx, (q, k, v, kv_start, kv_end, scale), output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_stats):

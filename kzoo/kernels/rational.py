@@ -60,13 +60,15 @@ def _memory_order(x: Tensor) -> list[int]:
 
 def _grouped(t: Tensor, order: list[int], channel_dim: int, groups: int) -> Tensor:
     """t as a contiguous (rows, groups, span) tensor, in the memory order ``order``."""
-    physical = t.permute(order).contiguous()
+    physical = (t if order == list(range(t.ndim)) else t.permute(order)).contiguous()
     position = order.index(channel_dim)
     rows = math.prod(physical.shape[:position])
     return physical.view(rows, groups, -1) if physical.numel() else physical.new_empty(rows, groups, 0)
 
 
 def _ungrouped(grouped: Tensor, like: Tensor, order: list[int]) -> Tensor:
+    if order == list(range(like.ndim)):
+        return grouped.view(like.shape)
     inverse = sorted(range(len(order)), key=order.__getitem__)
     return grouped.view([like.shape[d] for d in order]).permute(inverse)
 
@@ -152,10 +154,12 @@ class _EagerGroupRational(torch.autograd.Function):
     """The registered op's autograd without its dispatch: the same ``_forward`` and ``_backward``."""
 
     @staticmethod
-    def forward(x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int) -> Tensor:
-        return _forward(x, numerator, denominator, channel_dim)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, x: Tensor, numerator: Tensor, denominator: Tensor, channel_dim: int) -> Tensor:
+        # ctx in forward, not a setup_context: with one, apply binds its arguments through
+        # inspect.signature on every call
+        output = _forward(x, numerator, denominator, channel_dim)
+        _setup_context(ctx, (x, numerator, denominator, channel_dim), output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

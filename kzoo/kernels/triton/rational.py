@@ -128,7 +128,11 @@ def group_rational_kernel(
             t = t * ax
             s9 += t
     if BACKWARD:
-        out = partials_ptr + (program.to(tl.int64) * tl.num_programs(1) + group) * 10  # PARTIALS per (program, group)
+        # A program's row of partials: d numerator (groups, 6), then d denominator (groups, 4), so
+        # that their sums over programs are two contiguous blocks.
+        groups = tl.num_programs(1)
+        row = partials_ptr + program.to(tl.int64) * groups * 10
+        out = row + group * 6
         tl.store(out + 0, tl.sum(tl.sum(s0, 1), 0))
         tl.store(out + 1, tl.sum(tl.sum(s1, 1), 0))
         tl.store(out + 2, tl.sum(tl.sum(s2, 1), 0))
@@ -136,10 +140,11 @@ def group_rational_kernel(
         tl.store(out + 4, tl.sum(tl.sum(s4, 1), 0))
         tl.store(out + 5, tl.sum(tl.sum(s5, 1), 0))
         # sign(b) with sign(0) = +1, as in the KAT kernels: a zero coefficient still gets a gradient.
-        tl.store(out + 6, tl.where(b0 < 0, -1.0, 1.0) * tl.sum(tl.sum(s6, 1), 0))
-        tl.store(out + 7, tl.where(b1 < 0, -1.0, 1.0) * tl.sum(tl.sum(s7, 1), 0))
-        tl.store(out + 8, tl.where(b2 < 0, -1.0, 1.0) * tl.sum(tl.sum(s8, 1), 0))
-        tl.store(out + 9, tl.where(b3 < 0, -1.0, 1.0) * tl.sum(tl.sum(s9, 1), 0))
+        out = row + groups * 6 + group * 4
+        tl.store(out + 0, tl.where(b0 < 0, -1.0, 1.0) * tl.sum(tl.sum(s6, 1), 0))
+        tl.store(out + 1, tl.where(b1 < 0, -1.0, 1.0) * tl.sum(tl.sum(s7, 1), 0))
+        tl.store(out + 2, tl.where(b2 < 0, -1.0, 1.0) * tl.sum(tl.sum(s8, 1), 0))
+        tl.store(out + 3, tl.where(b3 < 0, -1.0, 1.0) * tl.sum(tl.sum(s9, 1), 0))
 
 
 @functools.lru_cache(maxsize=1024)  # every launch asks; a training run asks for a few shapes
@@ -203,15 +208,17 @@ def group_rational_backward(
     grad_x = torch.empty_like(x)
     num, den, num_stride = _coefficients(numerator, denominator)
     grid, tiling = _grid(rows, span, groups, BACKWARD_BLOCK, BACKWARD_TILES)
-    partials = torch.empty(grid[0], groups, PARTIALS, device=x.device, dtype=torch.float32)
+    partials = torch.empty(grid[0], groups * PARTIALS, device=x.device, dtype=torch.float32)
     with launch_device(x):
         group_rational_kernel[grid](
             x, x, grad_out, grad_x, partials, num, den, rows, span, num_stride, BACKWARD=True, **tiling,
             num_warps=NUM_WARPS)
-    grad_numerator = partials[:, :, :6].sum(0)
+    sums = partials.sum(0)  # one reduction, then contiguous views
+    grad_denominator = sums[groups * 6:].view(groups, 4)
     if numerator.shape[0] == 1:
-        grad_numerator = grad_numerator.sum(0, keepdim=True)
-    grad_denominator = partials[:, :, 6:].sum(0)
+        grad_numerator = sums[:groups * 6].view(groups, 6).sum(0, keepdim=True)
+    else:  # a copy: an op's outputs may not share memory
+        grad_numerator = sums[:groups * 6].view(groups, 6).clone()
     return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
 
 

@@ -201,10 +201,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(stats)
 
 
-def _op_backward(ctx, grad_out: Tensor, grad_stats):
+def _op_backward(ctx, grad_out: Tensor, grad_stats, backward=torch.ops.kzoo.block_sparse_attention_backward):
     q, k, v, out, stats, kv_start, kv_end = ctx.saved_tensors
-    dq, dk, dv = torch.ops.kzoo.block_sparse_attention_backward(
-        grad_out.contiguous(), q, k, v, out, stats, kv_start, kv_end, ctx.scale)
+    dq, dk, dv = backward(grad_out.contiguous(), q, k, v, out, stats, kv_start, kv_end, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
@@ -224,11 +223,10 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_stats):
-        if torch.is_grad_enabled():  # create_graph: the op's backward, which refuses a second derivative
+        # Under create_graph, the registered backward op, which refuses a second derivative.
+        if torch.is_grad_enabled():
             return _op_backward(ctx, grad_out, grad_stats)
-        q, k, v, out, stats, kv_start, kv_end = ctx.saved_tensors
-        dq, dk, dv = _backward(grad_out.contiguous(), q, k, v, out, stats, kv_start, kv_end, ctx.scale)
-        return dq, dk, dv, None, None, None
+        return _op_backward(ctx, grad_out, grad_stats, _backward)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor, *,

@@ -63,6 +63,9 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
     return "cpu" if device.type == "cpu" else "reference"
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager(*tensors: torch.Tensor) -> bool:
     """Whether an op may run its implementation under a plain ``torch.autograd.Function`` instead of
     dispatching through its ``torch.library`` registration: in eager mode, on plain tensors.
@@ -76,9 +79,6 @@ def eager(*tensors: torch.Tensor) -> bool:
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._are_functorch_transforms_active()
             and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
-
-
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def launch_device(x: torch.Tensor):

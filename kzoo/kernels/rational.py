@@ -2,7 +2,7 @@
 
 :func:`group_rational` runs the same implementation through a plain ``autograd.Function`` in eager
 mode (:func:`backend.eager`: torch.library's dispatch costs more host time than the kernels take)
-and through the registered op under ``torch.compile``, export and fake tensors.
+and through the registered op under ``torch.compile``, export, tracing and fake tensors.
 
 Every backend sees x as a contiguous (rows, groups, span) tensor. For any dense x (contiguous,
 channels-last, permuted) that view is taken in x's own memory order, so no copy is made and the
@@ -141,9 +141,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.channel_dim = channel_dim
 
 
-def _op_backward(ctx, grad_out: Tensor):
+def _op_backward(ctx, grad_out: Tensor, backward=torch.ops.kzoo.group_rational_backward):
     x, numerator, denominator = ctx.saved_tensors
-    dx, dnum, dden = torch.ops.kzoo.group_rational_backward(grad_out, x, numerator, denominator, ctx.channel_dim)
+    dx, dnum, dden = backward(grad_out, x, numerator, denominator, ctx.channel_dim)
     return dx, dnum, dden, None
 
 
@@ -163,9 +163,10 @@ class _EagerGroupRational(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():  # create_graph: the op's backward, which refuses a second derivative
+        # Under create_graph, the registered backward op, which refuses a second derivative.
+        if torch.is_grad_enabled():
             return _op_backward(ctx, grad_out)
-        return (*_backward(grad_out, *ctx.saved_tensors, ctx.channel_dim), None)
+        return _op_backward(ctx, grad_out, _backward)
 
 
 def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, *, channel_dim: int = -1) -> Tensor:

@@ -143,9 +143,13 @@ def read_kzoo_model(path: str | Path, prefer_ema: bool = True) -> tuple[dict[str
     return weights, json.loads(metadata["config"])
 
 
-def load_strict(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> nn.Module:
-    """``model`` with ``weights`` loaded, or a one-line error naming ``source`` when they do not fit."""
+def load_strict(model: nn.Module, weights: dict[str, torch.Tensor], source: Path,
+                may_miss: set[str] = frozenset()) -> nn.Module:
+    """``model`` with ``weights`` loaded, or a one-line error naming ``source`` when they do not fit.
+    Keys in ``may_miss`` (parameters a grown model initialises to keep the smaller one's output)
+    keep their initial values when ``weights`` lacks them."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if key not in may_miss]
     if missing or unexpected:
         raise ValueError(f"{source}: does not fit the model it names (missing {len(missing)} keys, e.g. "
                          f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})")

@@ -14,9 +14,11 @@ Two encoders, one decoder:
   features are also the semantic prior of the SG-DRN refiner (the original uses DINOv2 there).
 - ``encoder="conv"``: group-rational conv stages from 1/2 down to 1/16.
 
-Both start at 1/2: the decoder predicts at 1/2 and a light full-resolution conv, which sees the
-image and rays again, corrects the upsampled result, so the cost of full resolution is one thin
-layer.
+Both start at 1/2: the decoder predicts at 1/2, brings the prediction to full size, bilinearly or
+by DSINE's learnt convex upsampling (each full-resolution pixel a softmax-weighted mix of its
+3x3 neighbours at 1/2, so it can take its values from its own side of an edge), and a light
+full-resolution conv, which sees the image and rays again, corrects the result, so the cost of
+full resolution is one thin layer.
 
 The noise input is the original's: YOSO sees a noise map, and StableNormal's shrinkage
 regulariser replaces it with zeros for a fraction of training samples. Inference feeds zeros,
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from ..layers import RATIONAL_PARAMETERS, GroupRational
 
 __all__ = ["YOSO", "ConvBlock", "ConvEncoder", "KATEncoder", "UNetDecoder", "ESTIMATORS", "ray_directions",
-           "assumed_intrinsics", "visible_hemisphere", "yoso_kat", "yoso_conv", "DEFAULT_FOV_DEGREES"]
+           "assumed_intrinsics", "visible_hemisphere", "ConvexUpsample2x", "yoso_kat", "yoso_conv", "DEFAULT_FOV_DEGREES"]
 
 # Unknown intrinsics: DSINE's assumption, a 60 degree field of view across the longer side.
 DEFAULT_FOV_DEGREES = 60.0
@@ -150,17 +152,62 @@ class KATEncoder(nn.Module):
         return [*features, eighth, self.reassemble16(F.gelu(eighth))]
 
 
+class ConvexUpsample2x(nn.Module):
+    """DSINE's (and RAFT's) convex upsampling by 2: each output pixel is a softmax-weighted mix of
+    the 3x3 input pixels around its source, the weights predicted from features at the input's
+    resolution, so a pixel beside an edge can take its value from its own side alone.
+
+    The weight conv starts at zero with biases that reproduce ``F.interpolate(..., scale_factor=2,
+    mode="bilinear")`` (replicate padding is its border clamp), up to a leak of 1e-4 to the five
+    neighbours bilinear leaves out: a trained network with bilinear upsampling keeps its output when
+    it grows this module, and training learns the sharper weights from there.
+    """
+
+    # Logit of the neighbours bilinear gives no weight: exp(-10) each, so their leak stays below 1e-4.
+    UNUSED_LOGIT = -10.0
+
+    def __init__(self, feature_channels: int):
+        super().__init__()
+        self.weights = nn.Conv2d(feature_channels, 9 * 4, 3, 1, 1)
+        nn.init.zeros_(self.weights.weight)
+        with torch.no_grad():
+            self.weights.bias.copy_(self.bilinear_logits())
+
+    @classmethod
+    def bilinear_logits(cls) -> Tensor:
+        """(36,) logits ordered (neighbour 3x3, sub-row, sub-column): bilinear's 1/16, 3/16, 9/16 weights."""
+        # Output sub-row 0 sits a quarter pixel above its source row: 1/4 from the row above, 3/4 from its own.
+        taps = torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.75, 0.25]], dtype=torch.float64)
+        weights = torch.einsum("ak,bl->klab", taps, taps).reshape(36)  # (ky, kx, sub-row, sub-column)
+        return torch.where(weights > 0, weights.clamp_min(1e-30).log(), torch.full_like(weights, cls.UNUSED_LOGIT)).float()
+
+    def forward(self, x: Tensor, features: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        weights = self.weights(features).view(batch, 1, 9, 2, 2, height, width).softmax(dim=2)
+        neighbours = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3).view(batch, channels, 9, 1, 1, height, width)
+        up = (weights * neighbours).sum(2)  # (B, C, 2, 2, H, W)
+        return up.permute(0, 1, 4, 2, 5, 3).reshape(batch, channels, 2 * height, 2 * width)
+
+
+UPSAMPLINGS = ("bilinear", "convex")
+
+
 class UNetDecoder(nn.Module):
     """Upsample, concatenate the skip and the rays of that scale, ConvBlock, up to 1/2; a 3-channel
-    head there; then bilinear to full size and a light full-resolution conv that sees the image
-    and rays again, so edges are placed where the image has them (most of the cost stays at 1/2)."""
+    head there; then to full size (``upsample``: bilinear, or convex with weights learnt from the
+    1/2 features) and a light full-resolution conv that sees the image and rays again, so edges are
+    placed where the image has them (most of the cost stays at 1/2)."""
 
-    def __init__(self, widths, ray_channels: int = 3, out_channels: int = 3, edge_width: int = 16):
+    def __init__(self, widths, ray_channels: int = 3, out_channels: int = 3, edge_width: int = 16,
+                 upsample: str = "bilinear"):
         super().__init__()
+        if upsample not in UPSAMPLINGS:
+            raise ValueError(f"UNetDecoder: upsample={upsample!r} is not one of {', '.join(UPSAMPLINGS)}")
         widths = tuple(widths)
         self.blocks = nn.ModuleList(
             ConvBlock(widths[i + 1] + widths[i] + ray_channels, widths[i]) for i in reversed(range(len(widths) - 1)))
         self.head = nn.Conv2d(widths[0], out_channels, 3, 1, 1)
+        self.upsample = ConvexUpsample2x(widths[0]) if upsample == "convex" else None
         self.edge = nn.Sequential(nn.Conv2d(out_channels + 3 + ray_channels, edge_width, 3, 1, 1),
                                   GroupRational(RATIONAL_GROUPS, "swish", channel_dim=1),
                                   nn.Conv2d(edge_width, out_channels, 3, 1, 1))
@@ -170,7 +217,10 @@ class UNetDecoder(nn.Module):
         for block, skip in zip(self.blocks, reversed(features[:-1])):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip, F.interpolate(rays, size=skip.shape[-2:], mode="area")], dim=1))
-        x = F.interpolate(self.head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if self.upsample is None:
+            x = F.interpolate(self.head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        else:  # the encoder's stride of 2 and the input's multiple of 16 make the size exactly twice x's
+            x = self.upsample(self.head(x), x)
         return x + self.edge(torch.cat([x, image, rays], dim=1))
 
 
@@ -180,6 +230,7 @@ class YOSO(nn.Module):
     Args:
         encoder: "kat" or "conv" (see the module docstring).
         noise_channels: channels of the noise input (0: none, a plain regressor).
+        upsample: "bilinear" or "convex", how the decoder's 1/2 prediction reaches full size.
         encoder_kwargs: passed to the encoder (widths, KAT size).
 
     ``forward(image, rays, noise=None)`` takes images in [0, 1] (B, 3, H, W) with H and W
@@ -188,7 +239,8 @@ class YOSO(nn.Module):
 
     stride = 16
 
-    def __init__(self, encoder: str = "kat", noise_channels: int = 3, native_size: int = 128, **encoder_kwargs):
+    def __init__(self, encoder: str = "kat", noise_channels: int = 3, native_size: int = 128,
+                 upsample: str = "bilinear", **encoder_kwargs):
         super().__init__()
         self.noise_channels = noise_channels
         self.native_size = native_size
@@ -200,7 +252,7 @@ class YOSO(nn.Module):
         else:
             raise ValueError(f"YOSO: encoder={encoder!r} is not 'kat' or 'conv'")
         self.encoder_name = encoder
-        self.decoder = UNetDecoder(self.encoder.widths)
+        self.decoder = UNetDecoder(self.encoder.widths, upsample=upsample)
         # The semantic prior handed to the refiner: the 1/8 features.
         self.semantic_channels = self.encoder.widths[SEMANTIC_LEVEL]
 
@@ -217,6 +269,13 @@ class YOSO(nn.Module):
         features = self.encode(image, rays, noise)
         normal = visible_hemisphere(self.decoder(features, image * 2 - 1, rays).float(), rays)
         return (normal, features[SEMANTIC_LEVEL]) if return_semantic else normal
+
+    def grown_keys(self) -> set[str]:
+        """Parameters that keep a bilinear estimator's output when it grows into this one (the convex
+        upsampling's, at their initial values): what a checkpoint without them may leave unset."""
+        if self.decoder.upsample is None:
+            return set()
+        return {"decoder.upsample." + name for name in self.decoder.upsample.state_dict()}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -212,7 +212,11 @@ class NormalTask(Task):
             model = models[self.model_name](**self.model_kwargs)
         except TypeError as error:
             raise ValueError(f"--model-kwargs do not fit {self.model_name}: {error}") from None
-        return model if weights is None else checkpoint.load_strict(model, weights, Path(self.args.init_from))
+        if weights is None:
+            return model
+        # A bilinear estimator grows convex upsampling (--model-kwargs '{"upsample": "convex"}') with its output kept.
+        grown = model.grown_keys() if isinstance(model, YOSO) else set()
+        return checkpoint.load_strict(model, weights, Path(self.args.init_from), may_miss=grown)
 
     def train_dataset(self):
         crop = self.args.crop or None

@@ -18,6 +18,7 @@ from PIL import Image
 from kzoo.cli import build_parser, main
 from kzoo.data.normals import encode_normals, export
 from kzoo.models.stablenormal import REFINERS, SGDRN, YOSO, StableNormal, assumed_intrinsics
+from kzoo.models.stablenormal.estimator import ConvexUpsample2x
 from kzoo.models.stablenormal.metrics import angular_error
 from kzoo.models.stablenormal.sampling import START_TIMESTEP, TRAIN_TIMESTEPS
 from kzoo.train import checkpoint
@@ -237,6 +238,24 @@ def test_init_from_a_pipeline_file_takes_its_stage_network_in_float32(data, yoso
     capsys.readouterr()
     assert main(refiner_args) == 2
     assert f"{bundle}: a pipeline without a refiner" in capsys.readouterr().err
+
+
+def test_init_from_grows_a_bilinear_estimator_into_convex_upsampling(data, yoso_run, tmp_path):
+    """--model-kwargs '{"upsample": "convex"}' on a bilinear checkpoint: every source weight is
+    loaded, the upsampling's start at bilinear's, and at lr 0 validation repeats the source's."""
+    source = yoso_run / "checkpoints" / "last"
+    args = ["train", "normal", "--data-dir", str(data), "--model", "yoso_kat", "--model-kwargs",
+            json.dumps({"upsample": "convex"}), *RECIPE, "--lr", "0", "--epochs", "1", "--init-from", str(source),
+            "--output", str(tmp_path)]
+    assert main(args) == 0
+    grown, config = checkpoint.read_kzoo_model(tmp_path / "checkpoints" / "last")
+    weights, source_config = checkpoint.read_kzoo_model(source)
+    assert config == {**source_config, "upsample": "convex"}
+    assert set(grown) - set(weights) == {"decoder.upsample.weights.weight", "decoder.upsample.weights.bias"}
+    assert all(torch.equal(grown[key], value) for key, value in weights.items())
+    assert torch.equal(grown["decoder.upsample.weights.bias"], ConvexUpsample2x.bilinear_logits())
+    assert float(summary(tmp_path)[-1]["eval_angle"]) == pytest.approx(float(summary(yoso_run)[-1]["eval_angle"]),
+                                                                        abs=0.05)
 
 
 # --- the loss and the evaluation sums --------------------------------------------------------------------

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from ..layers import RATIONAL_PARAMETERS, GroupRational
 
-__all__ = ["YOSO", "ConvBlock", "ConvEncoder", "KATEncoder", "UNetDecoder", "ESTIMATORS", "ray_directions",
-           "assumed_intrinsics", "visible_hemisphere", "ConvexUpsample2x", "yoso_kat", "yoso_conv", "DEFAULT_FOV_DEGREES"]
+__all__ = ["YOSO", "ConvBlock", "ConvEncoder", "ConvexUpsample2x", "KATEncoder", "UNetDecoder", "ESTIMATORS",
+           "ray_directions", "assumed_intrinsics", "visible_hemisphere", "yoso_kat", "yoso_conv", "DEFAULT_FOV_DEGREES"]
 
 # Unknown intrinsics: DSINE's assumption, a 60 degree field of view across the longer side.
 DEFAULT_FOV_DEGREES = 60.0
@@ -158,12 +158,13 @@ class ConvexUpsample2x(nn.Module):
     resolution, so a pixel beside an edge can take its value from its own side alone.
 
     The weight conv starts at zero with biases that reproduce ``F.interpolate(..., scale_factor=2,
-    mode="bilinear")`` (replicate padding is its border clamp), up to a leak of 1e-4 to the five
-    neighbours bilinear leaves out: a trained network with bilinear upsampling keeps its output when
+    mode="bilinear")`` (replicate padding is its border clamp), up to a leak of 4.5e-5 to each of
+    the five neighbours bilinear leaves out: a trained network with bilinear upsampling keeps its output when
     it grows this module, and training learns the sharper weights from there.
     """
 
-    # Logit of the neighbours bilinear gives no weight: exp(-10) each, so their leak stays below 1e-4.
+    # Logit of the neighbours bilinear gives no weight: exp(-10) = 4.5e-5 each, 2.3e-4 for all five;
+    # finite, so training can still raise them.
     UNUSED_LOGIT = -10.0
 
     def __init__(self, feature_channels: int):
@@ -179,7 +180,8 @@ class ConvexUpsample2x(nn.Module):
         # Output sub-row 0 sits a quarter pixel above its source row: 1/4 from the row above, 3/4 from its own.
         taps = torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.75, 0.25]], dtype=torch.float64)
         weights = torch.einsum("ak,bl->klab", taps, taps).reshape(36)  # (ky, kx, sub-row, sub-column)
-        return torch.where(weights > 0, weights.clamp_min(1e-30).log(), torch.full_like(weights, cls.UNUSED_LOGIT)).float()
+        unused = torch.full_like(weights, cls.UNUSED_LOGIT)
+        return torch.where(weights > 0, weights.clamp_min(1e-30).log(), unused).float()
 
     def forward(self, x: Tensor, features: Tensor) -> Tensor:
         batch, channels, height, width = x.shape

@@ -133,7 +133,7 @@ def _remembered(compute: Callable[..., _Fact], kv_start: Tensor, kv_end: Tensor,
 # --- the op ------------------------------------------------------------------------------------
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor, kv_end: Tensor,
-                  scale: float) -> tuple[Tensor, Tensor]:
+             scale: float) -> tuple[Tensor, Tensor]:
     """(out, stats): stats is :func:`reference.attention_log_sum_exp` on every backend (base 2,
     (B, H, Lq) float32), which the backward starts from."""
     _check_inputs(q, k, v, kv_start, kv_end)
@@ -166,7 +166,7 @@ def _(q, k, v, kv_start, kv_end, scale):
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
-                           kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+              kv_start: Tensor, kv_end: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     backend = resolve(q.device, q.dtype)
